@@ -1,0 +1,58 @@
+"""jaxyolo: YOLO detection losses and label assigners in JAX.
+
+The common path needs nothing deeper than ``import jaxyolo``::
+
+    targets = jaxyolo.Targets.from_rows(rows, batch_size=B, max_boxes=M)
+    iou = jaxyolo.bbox_iou(box1, box2, kind="ciou")
+
+Modules: ``boxes`` (geometry), ``losses`` (element losses), ``targets``
+(the padded ground-truth format), ``assign`` (label assigners),
+``objectives`` (the full YOLOv5 / YOLOX / YOLOv8-v9 losses).
+"""
+
+from jaxyolo import boxes, losses
+from jaxyolo.boxes import (
+    bbox2dist,
+    bbox_iou,
+    box_iou_matrix,
+    dist2bbox,
+    make_anchor_points,
+    xywh2xyxy,
+    xyxy2xywh,
+    yolox_bboxes_iou,
+)
+from jaxyolo.losses import (
+    bce_blur_loss,
+    bce_with_logits,
+    dfl_loss,
+    focal_loss,
+    qfocal_loss,
+    smooth_bce,
+    varifocal_loss,
+    yolox_iou_loss,
+)
+from jaxyolo.targets import Targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Targets",
+    "bbox2dist",
+    "bbox_iou",
+    "bce_blur_loss",
+    "bce_with_logits",
+    "box_iou_matrix",
+    "boxes",
+    "dfl_loss",
+    "dist2bbox",
+    "focal_loss",
+    "losses",
+    "make_anchor_points",
+    "qfocal_loss",
+    "smooth_bce",
+    "varifocal_loss",
+    "xywh2xyxy",
+    "xyxy2xywh",
+    "yolox_bboxes_iou",
+    "yolox_iou_loss",
+]

@@ -1,0 +1,36 @@
+"""The upstream PyTorch losses, called (never copied) as numerical oracles.
+
+``python -m jaxyolo.testing.oracles --check`` imports every oracle and fails
+loudly if one is missing or at the wrong version; ``scripts/test.sh`` runs it
+before pytest so that an oracle can never be silently skipped.
+
+Per-family helpers live in ``yolov5.py``, ``yolox.py``, ``ultralytics.py`` and
+``yolov9.py`` (the last is our own PyTorch reference: YOLOv9 ships no package).
+They take channels-last numpy/JAX inputs and return numpy values and gradients.
+"""
+
+from jaxyolo.testing.oracles._torch import (
+    ORACLE_VERSIONS,
+    grad_nhwc,
+    nhwc_to_torch,
+    numpy,
+    tensor,
+    torch,
+    ultralytics_modules,
+    versions,
+    yolov5_modules,
+    yolox_modules,
+)
+
+__all__ = [
+    "ORACLE_VERSIONS",
+    "grad_nhwc",
+    "nhwc_to_torch",
+    "numpy",
+    "tensor",
+    "torch",
+    "ultralytics_modules",
+    "versions",
+    "yolov5_modules",
+    "yolox_modules",
+]

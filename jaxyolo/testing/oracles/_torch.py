@@ -1,0 +1,87 @@
+"""Importing the upstream packages and moving arrays between JAX and torch."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import tempfile
+
+import numpy as np
+
+from jaxyolo.testing import torchvision_shim
+
+#: Pinned oracle versions (also in requirements/oracles.txt and scripts/_env.sh).
+ORACLE_VERSIONS = {"torch": "2.13.0", "ultralytics": "8.4.190", "yolov5": "7.0.14", "yolox": "0.3.0"}
+
+
+@functools.cache
+def torch():
+    """Import torch for oracle use: torchvision shim installed, one thread.
+
+    yolov5's objectness scatter (``tobj[b, a, gj, gi] = iou``) with duplicate
+    cells is racy with more than one intra-op thread, so every reference is
+    built with ``torch.set_num_threads(1)``.
+    """
+    torchvision_shim.install()
+    os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "jaxyolo-ultralytics-config"))
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    import torch as _torch
+
+    _torch.set_num_threads(1)
+    return _torch
+
+
+def _import(name: str):
+    torch()  # shim first
+    return importlib.import_module(name)
+
+
+def yolov5_modules():
+    """``(yolov5.utils.loss, yolov5.utils.metrics)`` from yolov5==7.0.14."""
+    return _import("yolov5.utils.loss"), _import("yolov5.utils.metrics")
+
+
+def ultralytics_modules():
+    """``(ultralytics.utils.loss, ultralytics.utils.tal, ultralytics.utils.metrics)``."""
+    return _import("ultralytics.utils.loss"), _import("ultralytics.utils.tal"), _import("ultralytics.utils.metrics")
+
+
+def yolox_modules():
+    """``(yolox.models.yolo_head, yolox.models.losses, yolox.utils.boxes)`` from yolox==0.3.0."""
+    return _import("yolox.models.yolo_head"), _import("yolox.models.losses"), _import("yolox.utils.boxes")
+
+
+def tensor(x, *, grad=False, dtype=None):
+    """A float32 (or ``dtype``) torch tensor copy of a numpy/JAX array."""
+    t = torch()
+    arr = np.array(x, dtype=np.float32 if dtype is None else dtype, copy=True)
+    out = t.from_numpy(arr)
+    return out.requires_grad_(True) if grad else out
+
+
+def numpy(t):
+    """A torch tensor (or None) as a numpy array, detached."""
+    return None if t is None else t.detach().cpu().numpy()
+
+
+def nhwc_to_torch(x, *, grad=False):
+    """``(B, H, W, C)`` channels-last array to a ``(B, C, H, W)`` torch leaf tensor.
+
+    The tensor is made contiguous *after* the transpose and is itself the leaf,
+    so ``.grad`` is NCHW; :func:`grad_nhwc` brings it back.
+    """
+    arr = np.ascontiguousarray(np.transpose(np.asarray(x, np.float32), (0, 3, 1, 2)))
+    return tensor(arr, grad=grad)
+
+
+def grad_nhwc(t):
+    """The NCHW ``.grad`` of a leaf from :func:`nhwc_to_torch`, as NHWC numpy."""
+    return np.transpose(numpy(t.grad), (0, 2, 3, 1))
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the oracle packages."""
+    import importlib.metadata as md
+
+    return {name: md.version(name) for name in ORACLE_VERSIONS}

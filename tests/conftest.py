@@ -1,0 +1,46 @@
+"""Shared test configuration.
+
+* Parity runs in float32; on accelerators matmuls are forced to full float32.
+* The oracles are imported through :mod:`jaxyolo.testing.oracles`, which
+  installs the torchvision shim and pins torch to one thread.  An oracle that
+  fails to import fails the test that needs it: nothing is skipped.
+"""
+
+import os
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "float32")
+
+settings.register_profile(
+    "jaxyolo",
+    deadline=None,
+    max_examples=40,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("jaxyolo")
+
+# Parity tolerances from the issues: values rtol 1e-5 / atol 1e-6, gradients 1e-4.
+VALUE_TOL = dict(rtol=1e-5, atol=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="session")
+def oracles():
+    from jaxyolo.testing import oracles as o
+
+    o.torch()
+    return o
+
+
+@pytest.fixture
+def rng(request):
+    import numpy as np
+
+    # A stable seed per test so failures reproduce.
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
