@@ -1,0 +1,7 @@
+"""Label assigners: pure, static-shape functions from (predictions, padded
+targets) to per-anchor training targets.
+
+* :func:`yolov5_build_targets` -- YOLOv5's anchor-ratio matcher with neighbour cells.
+* :func:`simota` -- YOLOX's SimOTA dynamic-k assignment (per image; vmap over B).
+* :func:`task_aligned` -- the TaskAlignedAssigner of YOLOv8 (ultralytics) and YOLOv9.
+"""
