@@ -32,11 +32,13 @@ from jaxyolo.losses import (
     yolox_iou_loss,
 )
 from jaxyolo.targets import Targets
+from jaxyolo.objectives.yolov5 import Yolov5LossConfig, scale_yolov5_hyp, yolov5_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Targets",
+    "Yolov5LossConfig",
     "bbox2dist",
     "bbox_iou",
     "bce_blur_loss",
@@ -49,10 +51,12 @@ __all__ = [
     "losses",
     "make_anchor_points",
     "qfocal_loss",
+    "scale_yolov5_hyp",
     "smooth_bce",
     "varifocal_loss",
     "xywh2xyxy",
     "xyxy2xywh",
     "yolox_bboxes_iou",
     "yolox_iou_loss",
+    "yolov5_loss",
 ]

@@ -5,3 +5,5 @@ targets) to per-anchor training targets.
 * :func:`simota` -- YOLOX's SimOTA dynamic-k assignment (per image; vmap over B).
 * :func:`task_aligned` -- the TaskAlignedAssigner of YOLOv8 (ultralytics) and YOLOv9.
 """
+
+from jaxyolo.assign.yolov5 import Yolov5LevelTargets, yolov5_build_targets  # noqa: E402,F401

@@ -34,3 +34,5 @@ __all__ = [
     "yolov5_modules",
     "yolox_modules",
 ]
+
+from jaxyolo.testing.oracles.yolov5 import yolov5_compute_loss  # noqa: E402,F401
