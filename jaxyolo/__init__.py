@@ -32,6 +32,7 @@ from jaxyolo.losses import (
     yolox_iou_loss,
 )
 from jaxyolo.targets import Targets
+from jaxyolo.objectives.yolox import YoloxLossConfig, yolox_loss
 from jaxyolo.objectives.yolov5 import Yolov5LossConfig, scale_yolov5_hyp, yolov5_loss
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Targets",
     "Yolov5LossConfig",
+    "YoloxLossConfig",
     "bbox2dist",
     "bbox_iou",
     "bce_blur_loss",
@@ -58,5 +60,6 @@ __all__ = [
     "xyxy2xywh",
     "yolox_bboxes_iou",
     "yolox_iou_loss",
+    "yolox_loss",
     "yolov5_loss",
 ]

@@ -22,6 +22,7 @@ from jaxyolo.testing.oracles._torch import (
     yolox_modules,
 )
 
+from jaxyolo.testing.oracles.yolox import yolox_get_assignments, yolox_get_losses  # noqa: E402
 __all__ = [
     "ORACLE_VERSIONS",
     "grad_nhwc",
@@ -32,6 +33,8 @@ __all__ = [
     "ultralytics_modules",
     "versions",
     "yolov5_modules",
+    "yolox_get_assignments",
+    "yolox_get_losses",
     "yolox_modules",
 ]
 

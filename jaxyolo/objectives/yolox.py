@@ -1,0 +1,240 @@
+"""The YOLOX loss (``YOLOXHead.get_losses`` of ``yolox==0.3.0``) in JAX.
+
+Shapes: ``B`` images, ``M`` padded GT slots per image, ``L`` levels,
+``A = sum_l H_l W_l`` anchors, ``nc`` classes.
+
+Decoding (``get_output_and_grid``): per level the raw ``(B, H, W, 5 + nc)``
+outputs are ``(x, y, w, h, obj, cls...)``; the box is
+``xy = (raw_xy + grid) * s`` and ``wh = exp(raw_wh) * s`` in **pixels**, with
+``grid`` the integer ``(x, y)`` cell index.  Targets are normalised cxcywh
+(:class:`jaxyolo.Targets`); they are converted to pixels with the input image
+size ``(H_0 s_0, W_0 s_0)``, which every level must agree on.
+
+Loss (sums over the batch, then each divided by ``N = max(num_fg, 1)`` with
+``num_fg`` the positives of the whole batch):
+
+* ``iou``  = ``reg_weight * sum_fg (1 - IoU(pred, gt)**2) / N``;
+* ``obj``  = ``sum_all BCE(obj, fg) / N`` over every anchor;
+* ``cls``  = ``sum_fg sum_c BCE(cls, onehot * IoU) / N`` (target under
+  ``stop_gradient``: upstream builds it under ``no_grad``);
+* ``l1``   = ``sum_fg |raw_reg - [gt_xy / s - grid, log(gt_wh / s + 1e-8)]| / N``
+  when ``use_l1`` (YOLOX switches it on for the last 15 epochs), else 0;
+* ``total = iou + obj + cls + l1``; ``num_fg_per_gt = num_fg / max(num_gts, 1)``.
+
+Upstream notes (reproduced where they affect numbers):
+
+* **Empty images**: upstream counts an image's GTs as the label rows whose
+  five numbers sum to ``> 0`` and takes the *first* ``num_gt`` rows; here the
+  :class:`Targets` mask decides, so real rows need not be contiguous.  An image
+  (or a whole batch) without GTs contributes only the objectness loss against
+  0, exactly as upstream.
+* **float16**: upstream computes the class cost in float32 (``autocast``
+  disabled) but the IoU in the input dtype; everything here is float32.
+* **CPU fallback**: upstream retries the assignment on the CPU after a CUDA OOM
+  (and then calls ``.cuda()``); there is no such path here, nor a need for it.
+* **Bad class ids** under ``jit`` make ``total`` NaN (see
+  :meth:`Targets.invalid_classes`); outside ``jit`` they raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxyolo import _checks
+from jaxyolo.assign.simota import SIMOTA_VARIANTS, VARIANT_DEFAULTS, simota
+from jaxyolo.boxes import make_anchor_points
+from jaxyolo.losses import bce_with_logits, yolox_iou_loss
+from jaxyolo.targets import Targets
+
+__all__ = ["YoloxLossConfig", "yolox_loss", "yolox_decode"]
+
+
+@dataclasses.dataclass(frozen=True)
+class YoloxLossConfig:
+    """Hyperparameters of the YOLOX loss (frozen, hashable: a static jit arg).
+
+    Attributes:
+      center_radius: centre-prior radius in strides.  ``None`` resolves to the
+        variant's value on construction (2.5 for ``"0.3.0"``, 1.5 for ``"main"``).
+      candidate_topk: ``n_candidate_k`` cap of the dynamic-k IoU sum (10).
+      cost_iou_weight: weight of the IoU term in the SimOTA cost (3.0).
+      reg_weight: weight of the IoU loss (5.0).
+      use_l1: add the L1 loss on raw regression outputs (upstream ``use_l1``).
+      variant: ``"0.3.0"`` (the pinned oracle) or ``"main"`` (YOLOX's later
+        geometry: centre-only prior, radius 1.5, penalty 1e6).  Beyond upstream.
+      geometry_penalty: cost outside the geometry prior; ``None`` resolves to
+        ``1e5`` (``"0.3.0"``) or ``1e6`` (``"main"``).
+      strict_conflicts: resolve an anchor chosen by several GTs among those GTs
+        only.  Beyond upstream (which takes the argmin over all GTs).
+    """
+
+    center_radius: float | None = None
+    candidate_topk: int = 10
+    cost_iou_weight: float = 3.0
+    reg_weight: float = 5.0
+    use_l1: bool = False
+    variant: str = "0.3.0"
+    geometry_penalty: float | None = None
+    strict_conflicts: bool = False
+
+    def __post_init__(self):
+        _checks.choice(self.variant, SIMOTA_VARIANTS, "variant")
+        _checks.positive_int(self.candidate_topk, "candidate_topk")
+        radius, penalty = VARIANT_DEFAULTS[self.variant]
+        if self.center_radius is None:
+            object.__setattr__(self, "center_radius", radius)
+        if self.geometry_penalty is None:
+            object.__setattr__(self, "geometry_penalty", penalty)
+
+
+def _level_shapes(preds, strides, image_size):
+    if isinstance(preds, jax.Array) or not isinstance(preds, (list, tuple)):
+        raise TypeError("preds must be a list/tuple of per-level (B, H, W, 5 + nc) arrays")
+    if len(preds) == 0:
+        raise ValueError("preds must hold at least one level")
+    strides = tuple(strides)
+    if len(strides) != len(preds):
+        raise ValueError(f"strides must have one entry per level: {len(preds)} levels, {len(strides)} strides")
+    preds = [_checks.float_array(p, f"preds[{i}]").astype(jnp.float32) for i, p in enumerate(preds)]
+    for i, p in enumerate(preds):
+        _checks.ndim(p, 4, f"preds[{i}]", "(B, H, W, 5 + nc)")
+        if p.shape[-1] < 6:
+            raise ValueError(f"preds[{i}] must have 5 + nc channels (x, y, w, h, obj, cls...) with nc >= 1, got {p.shape}")
+        if p.shape[0] != preds[0].shape[0] or p.shape[-1] != preds[0].shape[-1]:
+            raise ValueError(
+                f"every level must share B and 5 + nc: preds[0] {preds[0].shape} vs preds[{i}] {p.shape}"
+            )
+    if image_size is None:
+        sizes = {(p.shape[1] * s, p.shape[2] * s) for p, s in zip(preds, strides)}
+        if len(sizes) != 1:
+            raise ValueError(
+                "level shapes disagree on the input image size (H * stride, W * stride): "
+                + ", ".join(f"preds[{i}] {p.shape[1:3]} x {s}" for i, (p, s) in enumerate(zip(preds, strides)))
+                + "; pass image_size=(H, W) explicitly"
+            )
+        image_size = sizes.pop()
+    else:
+        if len(tuple(image_size)) != 2:
+            raise ValueError(f"image_size must be (H, W) in pixels, got {image_size!r}")
+    return preds, strides, (float(image_size[0]), float(image_size[1]))
+
+
+def yolox_decode(preds, *, strides=(8, 16, 32)):
+    """Concatenate and decode per-level raw outputs as upstream ``get_output_and_grid``.
+
+    Args:
+      preds: ``L`` arrays ``(B, H_l, W_l, 5 + nc)`` raw outputs.
+      strides: pixels per cell of each level.
+
+    Returns:
+      ``(raw, boxes, grid, stride)``: ``raw`` ``(B, A, 5 + nc)`` (levels
+      concatenated, row-major cells); ``boxes`` ``(B, A, 4)`` decoded cxcywh
+      pixels; ``grid`` ``(A, 2)`` cell ``(x, y)`` in grid units; ``stride``
+      ``(A,)`` pixels.
+    """
+    preds, strides, _ = _level_shapes(preds, strides, image_size=(1, 1))
+    batch, ch = preds[0].shape[0], preds[0].shape[-1]
+    raw = jnp.concatenate([p.reshape(batch, -1, ch) for p in preds], axis=1)
+    grid, stride = make_anchor_points([p.shape[1:3] for p in preds], strides, offset=0.0)
+    stride = stride[:, 0]
+    xy = (raw[..., :2] + grid[None]) * stride[None, :, None]
+    wh = jnp.exp(raw[..., 2:4]) * stride[None, :, None]
+    return raw, jnp.concatenate([xy, wh], axis=-1), grid, stride
+
+
+def yolox_loss(preds, targets: Targets, *, strides: Sequence[int] = (8, 16, 32), config: YoloxLossConfig = YoloxLossConfig(), image_size=None, return_assignment: bool = False):
+    """YOLOX loss with SimOTA assignment, as ``YOLOXHead.get_losses`` (yolox 0.3.0).
+
+    Args:
+      preds: ``L`` arrays ``(B, H_l, W_l, 5 + nc)`` raw head outputs
+        ``(x, y, w, h, obj, cls...)`` (channels-last; bf16 is computed in float32).
+      targets: :class:`jaxyolo.Targets` with ``(B, M, ...)`` normalised cxcywh.
+      strides: pixels per cell of each level (static).
+      config: :class:`YoloxLossConfig` (static).
+      image_size: ``(H, W)`` input pixels; default ``(H_l * s_l, W_l * s_l)``,
+        which must agree across levels.
+      return_assignment: also return the batched :class:`SimOTAAssignment`.
+
+    Returns:
+      ``(total, components)``: ``total`` scalar float32; ``components`` a dict
+      ``{"iou" (already x reg_weight), "obj", "cls", "l1", "num_fg_per_gt"}`` of
+      scalars, each already divided by ``max(num_fg, 1)`` as upstream returns
+      them (``l1`` is 0 without ``use_l1``).  With ``return_assignment`` a third
+      element, the assignment with a leading ``B`` axis.
+    """
+    if not isinstance(config, YoloxLossConfig):
+        raise TypeError(f"config must be a YoloxLossConfig, got {type(config).__name__}")
+    preds, strides, (img_h, img_w) = _level_shapes(preds, strides, image_size)
+    nc = preds[0].shape[-1] - 5
+    targets = targets.checked(nc=nc)
+    batch = preds[0].shape[0]
+    if targets.batch_size != batch:
+        raise ValueError(f"targets has batch size {targets.batch_size} but preds have B={batch}")
+
+    raw, boxes, grid, stride = yolox_decode(preds, strides=strides)
+    obj, cls = raw[..., 4], raw[..., 5:]
+    scale = jnp.asarray([img_w, img_h, img_w, img_h], jnp.float32)
+    gt_boxes = targets.boxes * scale  # (B, M, 4) pixels
+    gt_mask = targets.mask
+
+    assign_fn = jax.vmap(
+        lambda b, o, c, g, k, m: simota(
+            b,
+            o,
+            c,
+            grid,
+            stride,
+            g,
+            k,
+            m,
+            center_radius=config.center_radius,
+            candidate_topk=config.candidate_topk,
+            cost_iou_weight=config.cost_iou_weight,
+            geometry_penalty=config.geometry_penalty,
+            variant=config.variant,
+            strict_conflicts=config.strict_conflicts,
+        )
+    )
+    assignment = assign_fn(boxes, obj, cls, gt_boxes, targets.classes, gt_mask)
+    fg = assignment.fg_mask  # (B, A)
+    gt_idx = jnp.maximum(assignment.matched_gt, 0)  # (B, A), 0 for background (masked away)
+    matched_boxes = jnp.take_along_axis(gt_boxes, gt_idx[..., None], axis=1)  # (B, A, 4)
+    matched_cls = jnp.take_along_axis(targets.classes, gt_idx, axis=1)  # (B, A)
+
+    num_fg = jnp.sum(assignment.num_fg).astype(jnp.float32)
+    num_gts = jnp.sum(gt_mask).astype(jnp.float32)
+    denom = jnp.maximum(num_fg, 1.0)
+
+    iou_term = yolox_iou_loss(boxes, jax.lax.stop_gradient(matched_boxes))  # (B, A)
+    loss_iou = jnp.sum(jnp.where(fg, iou_term, 0.0)) / denom
+    loss_obj = jnp.sum(bce_with_logits(obj, fg.astype(jnp.float32))) / denom
+    onehot = jax.nn.one_hot(matched_cls, nc, dtype=jnp.float32)
+    cls_target = jax.lax.stop_gradient(onehot * assignment.matched_iou[..., None])
+    loss_cls = jnp.sum(jnp.where(fg[..., None], bce_with_logits(cls, cls_target), 0.0)) / denom
+    if config.use_l1:
+        s = stride[None, :, None]
+        l1_target = jnp.concatenate(
+            [matched_boxes[..., :2] / s - grid[None], jnp.log(matched_boxes[..., 2:] / s + 1e-8)], axis=-1
+        )
+        l1_target = jax.lax.stop_gradient(l1_target)
+        loss_l1 = jnp.sum(jnp.where(fg[..., None], jnp.abs(raw[..., :4] - l1_target), 0.0)) / denom
+    else:
+        loss_l1 = jnp.zeros((), jnp.float32)
+
+    iou_weighted = config.reg_weight * loss_iou
+    total = iou_weighted + loss_obj + loss_cls + loss_l1
+    total = jnp.where(targets.invalid_classes(nc), jnp.nan, total)
+    components = {
+        "iou": iou_weighted,
+        "obj": loss_obj,
+        "cls": loss_cls,
+        "l1": loss_l1,
+        "num_fg_per_gt": num_fg / jnp.maximum(num_gts, 1.0),
+    }
+    if return_assignment:
+        return total, components, assignment
+    return total, components
