@@ -1,0 +1,104 @@
+"""YOLOX loss benchmark: jaxyolo ``yolox_loss`` (jitted value_and_grad w.r.t. every
+level) vs yolox==0.3.0 ``YOLOXHead.get_losses`` forward + backward, same inputs.
+
+    python experiments/bench_losses.py --family yolox
+    python experiments/bench_yolox.py            # this family alone
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+STRIDES = (8, 16, 32)
+
+
+def make_inputs(*, batch, img, nc, max_gt, seed):
+    """Raw head outputs ``(B, H, W, 5 + nc)`` per level and padded targets."""
+    from jaxyolo.targets import Targets
+
+    rng = np.random.default_rng(seed)
+    preds = []
+    for s in STRIDES:
+        p = rng.normal(0.0, 0.5, (batch, img // s, img // s, 5 + nc)).astype(np.float32)
+        p[..., 4:] -= 3.0  # logits near YOLOX's prior (prior_prob 0.01 -> bias -4.6)
+        preds.append(p)
+    rows = []
+    for b in range(batch):
+        for _ in range(int(rng.integers(0, max_gt + 1))):
+            w, h = rng.uniform(0.02, 0.6, 2)
+            cx, cy = rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2)
+            rows.append([b, int(rng.integers(nc)), cx, cy, w, h])
+    targets = Targets.from_rows(np.asarray(rows, np.float64).reshape(-1, 6), batch, max_gt)
+    return preds, targets
+
+
+def _median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxyolo.objectives.yolox import YoloxLossConfig, yolox_loss
+    from jaxyolo.testing import oracles
+    from jaxyolo.testing.oracles import yolox as oyolox
+
+    preds, targets = make_inputs(batch=batch, img=img, nc=nc, max_gt=max_gt, seed=seed)
+    config = YoloxLossConfig()
+
+    @jax.jit
+    def step(p, t):
+        return jax.value_and_grad(lambda q: yolox_loss(q, t, strides=STRIDES, config=config), has_aux=True)(p)
+
+    jpreds = [jnp.asarray(p) for p in preds]
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(jpreds, targets))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    (jax_total, _), _ = jax.block_until_ready(step(jpreds, targets))
+    warm = time.perf_counter() - t0
+    jax_ms = _median_ms(lambda: jax.block_until_ready(step(jpreds, targets)), repeats)
+
+    torch = oracles.torch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # default threads for throughput
+    try:
+        head = oyolox.yolox_head(nc, strides=STRIDES)
+        labels = oracles.tensor(oyolox.yolox_labels(targets, (img, img))[0])
+
+        def torch_step():
+            leaves, outputs, origin, xs, ys, es = oyolox._forward_inputs(head, preds, STRIDES)
+            loss = head.get_losses(None, xs, ys, es, labels, outputs, origin, dtype=leaves[0].dtype)[0]
+            loss.backward()
+            return float(loss)
+
+        torch_total = torch_step()  # warm-up
+        torch_ms = _median_ms(torch_step, max(3, repeats // 2))
+    finally:
+        torch.set_num_threads(threads)
+
+    n_gt = int(np.asarray(targets.mask).sum())
+    return dict(
+        family="yolox",
+        jax_ms=jax_ms,
+        torch_ms=torch_ms,
+        ratio=torch_ms / jax_ms,
+        compile_s=first - warm,
+        notes=f"{n_gt} GTs; total jax {float(jax_total):.6g} vs upstream {torch_total:.6g}",
+    )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    print(bench())
