@@ -33,11 +33,13 @@ from jaxyolo.losses import (
 )
 from jaxyolo.targets import Targets
 from jaxyolo.objectives.yolox import YoloxLossConfig, yolox_loss
+from jaxyolo.objectives.tal import TalLossConfig, yolov8_loss
 from jaxyolo.objectives.yolov5 import Yolov5LossConfig, scale_yolov5_hyp, yolov5_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TalLossConfig",
     "Targets",
     "Yolov5LossConfig",
     "YoloxLossConfig",
@@ -61,5 +63,6 @@ __all__ = [
     "yolox_bboxes_iou",
     "yolox_iou_loss",
     "yolox_loss",
+    "yolov8_loss",
     "yolov5_loss",
 ]

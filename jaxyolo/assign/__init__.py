@@ -7,4 +7,5 @@ targets) to per-anchor training targets.
 """
 
 from jaxyolo.assign.yolov5 import Yolov5LevelTargets, yolov5_build_targets  # noqa: E402,F401
+from jaxyolo.assign.tal import task_aligned  # noqa: E402,F401
 from jaxyolo.assign.simota import SimOTAAssignment, simota  # noqa: E402,F401

@@ -21,16 +21,19 @@ from jaxyolo.testing.oracles._torch import (
     yolov5_modules,
     yolox_modules,
 )
-
+from jaxyolo.testing.oracles.ultralytics import make_v8_criterion, v8_detection_loss  # noqa: E402
 from jaxyolo.testing.oracles.yolox import yolox_get_assignments, yolox_get_losses  # noqa: E402
+
 __all__ = [
     "ORACLE_VERSIONS",
     "grad_nhwc",
+    "make_v8_criterion",
     "nhwc_to_torch",
     "numpy",
     "tensor",
     "torch",
     "ultralytics_modules",
+    "v8_detection_loss",
     "versions",
     "yolov5_modules",
     "yolox_get_assignments",

@@ -1,0 +1,119 @@
+"""ultralytics 8.4.190 ``v8DetectionLoss`` called on channels-last inputs.
+
+The loss is constructed on a minimal fake model exposing exactly what
+``v8DetectionLoss.__init__`` reads: ``parameters()`` (for the device),
+``args`` (``box``, ``cls``, ``dfl`` gains), ``model[-1]`` (Detect: ``stride``,
+``nc``, ``reg_max``) and optionally ``class_weights``.  Predictions are fed as
+upstream's training dict ``{"boxes": (B, 4*reg_max, A), "scores": (B, nc, A),
+"feats": [per-level NCHW]}`` built from per-level NCHW leaves, so the
+gradients come back per level.  Targets go in as the ``batch`` dict
+(``batch_idx``, ``cls``, ``bboxes`` normalised cxcywh) from ``Targets.to_rows``.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+
+from jaxyolo.testing.oracles._torch import grad_nhwc, nhwc_to_torch, numpy, tensor, torch, ultralytics_modules
+
+__all__ = ["make_v8_criterion", "v8_detection_loss"]
+
+
+def _fake_model(*, strides, nc, reg_max, box, cls, dfl, class_weights):
+    t = torch()
+    detect = types.SimpleNamespace(stride=t.tensor(strides, dtype=t.float32), nc=nc, reg_max=reg_max)
+    param = t.nn.Parameter(t.zeros(1))
+    model = types.SimpleNamespace(
+        args=types.SimpleNamespace(box=box, cls=cls, dfl=dfl),
+        model=[detect],
+        parameters=lambda: iter([param]),
+    )
+    if class_weights is not None:
+        model.class_weights = t.tensor(np.asarray(class_weights, np.float32))
+    return model
+
+
+def make_v8_criterion(*, strides=(8, 16, 32), nc=80, reg_max=16, box=7.5, cls=0.5, dfl=1.5, topk=10, topk2=None,
+                      class_weights=None):
+    """An upstream ``v8DetectionLoss`` on a fake model (see the module docstring)."""
+    loss_mod, _, _ = ultralytics_modules()
+    model = _fake_model(strides=strides, nc=nc, reg_max=reg_max, box=box, cls=cls, dfl=dfl, class_weights=class_weights)
+    return loss_mod.v8DetectionLoss(model, tal_topk=topk, tal_topk2=topk2)
+
+
+def v8_detection_loss(preds_nhwc, targets, *, strides=(8, 16, 32), nc=80, reg_max=16, box=7.5, cls=0.5, dfl=1.5,
+                      topk=10, topk2=None, class_weights=None):
+    """Run upstream ``v8DetectionLoss`` forward + backward.
+
+    Args:
+      preds_nhwc: per level ``(B, H, W, 4*reg_max + nc)`` arrays.
+      targets: a :class:`jaxyolo.Targets` (fed through ``to_rows`` so GT order
+        matches) or ``(N, 6)`` rows ``[img, cls, cx, cy, w, h]``.
+
+    Returns:
+      dict: ``total`` (float, ``(loss * B).sum()``), ``components`` ``(3,)``
+      box/cls/dfl (upstream ``loss.detach()``), ``grads`` per level NHWC,
+      ``assign``: the assigner outputs ``target_labels, target_bboxes (px),
+      target_scores, fg_mask, target_gt_idx`` (``(B, A, ...)``; ``M`` = the
+      per-batch max GT count upstream pads to) and ``align_metric`` /
+      ``overlaps`` / ``mask_pos`` ``(B, M, A)`` from ``get_pos_mask`` /
+      ``select_highest_overlaps``.
+    """
+    t = torch()
+    crit = make_v8_criterion(strides=strides, nc=nc, reg_max=reg_max, box=box, cls=cls, dfl=dfl, topk=topk,
+                             topk2=topk2, class_weights=class_weights)
+    rows = targets.to_rows() if hasattr(targets, "to_rows") else np.asarray(targets, np.float32).reshape(-1, 6)
+    leaves = [nhwc_to_torch(p, grad=True) for p in preds_nhwc]
+    b, no = leaves[0].shape[:2]
+    cat = t.cat([x.view(b, no, -1) for x in leaves], 2)
+    preds = {"boxes": cat[:, : 4 * reg_max], "scores": cat[:, 4 * reg_max :], "feats": leaves}
+    batch = {
+        "batch_idx": tensor(rows[:, 0]),
+        "cls": tensor(rows[:, 1:2]),
+        "bboxes": tensor(rows[:, 2:6]),
+    }
+
+    captured = {}
+    assigner = crit.assigner
+    orig_pos, orig_sel = assigner.get_pos_mask, assigner.select_highest_overlaps
+
+    def get_pos_mask(*args, **kwargs):
+        mask_pos, align, overlaps = orig_pos(*args, **kwargs)
+        captured["align_metric"] = numpy(align.clone())
+        captured["overlaps"] = numpy(overlaps.clone())
+        return mask_pos, align, overlaps
+
+    def select_highest_overlaps(*args, **kwargs):
+        out = orig_sel(*args, **kwargs)
+        captured["mask_pos"] = numpy(out[2].clone()).astype(bool)
+        return out
+
+    assigner.get_pos_mask = get_pos_mask
+    assigner.select_highest_overlaps = select_highest_overlaps
+    names = ("target_labels", "target_bboxes", "target_scores", "fg_mask", "target_gt_idx")
+    hook = assigner.register_forward_hook(
+        lambda _m, _i, out: captured.update({k: numpy(v.clone()) for k, v in zip(names, out)})
+    )
+    try:
+        loss, loss_items = crit(preds, batch)
+    finally:
+        hook.remove()
+    total = loss.sum()
+    total.backward()
+    assign = {k: captured[k] for k in names if k in captured}
+    for k in ("align_metric", "overlaps", "mask_pos"):
+        if k in captured:
+            assign[k] = captured[k]
+    if "fg_mask" in assign:
+        assign["fg_mask"] = assign["fg_mask"].astype(bool)
+        assign["target_gt_idx"] = assign["target_gt_idx"].astype(np.int64)
+    return {
+        "total": float(total.detach()),
+        "components": numpy(loss_items).astype(np.float64) if hasattr(loss_items, "detach") else np.array(
+            [float(v) for v in loss_items.values()]
+        ),
+        "grads": [grad_nhwc(x) for x in leaves],
+        "assign": assign,
+    }
