@@ -294,6 +294,33 @@ def yolov5_loss(preds, targets: Targets, *, anchors, strides, config: Yolov5Loss
     return total, components, {"balance": jax.lax.stop_gradient(new_balance)}
 
 
+@jax.custom_vjp
+def _gather_cells(p_flat, cell):
+    """``(p_flat[cell], p_flat[:, 4])`` for ``p_flat (ncell, 5 + nc)``, ``cell (K,)``.
+
+    A custom VJP so the backward pass writes the full ``(ncell, 5 + nc)``
+    gradient once (objectness column padded, then the K candidate rows
+    scatter-added in place) instead of autodiff's zeros + scatter + add of two
+    full-size buffers.  Numerically the same sums; it costs forward-mode
+    (``jax.jvp``) support, which no training loop needs.
+    """
+    return jnp.take(p_flat, cell, axis=0), p_flat[:, 4]
+
+
+def _gather_cells_fwd(p_flat, cell):
+    return _gather_cells(p_flat, cell), (cell, p_flat.shape[1])
+
+
+def _gather_cells_bwd(res, grads):
+    cell, c = res
+    g_rows, g_obj = grads
+    base = jnp.pad(g_obj[:, None], ((0, 0), (4, c - 5)))
+    return base.at[cell].add(g_rows), None
+
+
+_gather_cells.defvjp(_gather_cells_fwd, _gather_cells_bwd)
+
+
 def _level_loss(p, lt, config: Yolov5LossConfig, nc: int, cp: float, cn: float):
     """Box, objectness and class terms of one level (before gains/balance).
 
@@ -305,7 +332,7 @@ def _level_loss(p, lt, config: Yolov5LossConfig, nc: int, cp: float, cn: float):
     mask = lt.mask
     cell = ((lt.image * h + lt.gj) * w + lt.gi) * na + lt.anchor  # (K,) flat (b, gj, gi, a)
     cell = jnp.where(mask, cell, 0)
-    ps = jnp.take(p.reshape(ncell, c), cell, axis=0)  # (K, 5 + nc) prediction subset
+    ps, obj_logits = _gather_cells(p.reshape(ncell, c), cell)  # (K, 5 + nc) subset, (ncell,) objectness
 
     # Box regression (grid units).  Unused slots get a benign unit box.
     pxy = jax.nn.sigmoid(ps[:, :2]) * 2 - 0.5
@@ -328,7 +355,6 @@ def _level_loss(p, lt, config: Yolov5LossConfig, nc: int, cp: float, cn: float):
         tobj = jnp.zeros((ncell,), jnp.float32).at[jnp.where(winner, cell, ncell)].add(
             jnp.where(winner, score, 0.0), mode="drop"
         )
-    obj_logits = p[..., 4].reshape(ncell)
     lobj = jnp.mean(_bce(config, obj_logits, tobj, config.obj_pw))
 
     # Classification.

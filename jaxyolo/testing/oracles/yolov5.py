@@ -101,7 +101,12 @@ class Yolov5Oracle:
         level_rows = []
         for c, tb, (b, a, gj, gi), an in zip(tcls, tbox, indices, anch):
             cols = [b[:, None], a[:, None], gj[:, None], gi[:, None], tb, an, c[:, None]]
-            level_rows.append(np.concatenate([numpy(x).astype(np.float32).reshape(len(b), -1) for x in cols], axis=1))
+            widths = (1, 1, 1, 1, 4, 2, 1)
+            level_rows.append(
+                np.concatenate(
+                    [numpy(x).astype(np.float32).reshape(len(b), k) for x, k in zip(cols, widths)], axis=1
+                )
+            )
         total, comps = self.loss(leaves, rows)
         total.sum().backward()
         grads = [np.transpose(numpy(leaf.grad), (0, 2, 3, 1, 4)) for leaf in leaves]

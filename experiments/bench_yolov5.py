@@ -1,0 +1,116 @@
+"""YOLOv5 loss benchmark: jaxyolo ``yolov5_loss`` (jitted value_and_grad w.r.t. every
+level) vs yolov5==7.0.14 ``ComputeLoss`` forward + backward, same inputs.
+
+    python experiments/bench_losses.py --family yolov5
+    python experiments/bench_yolov5.py            # this family alone
+
+Upstream gets its own layout ``(B, na, H, W, 5 + nc)`` prepared outside the
+timed region (leaf tensors reused, ``.grad`` cleared each call); jaxyolo gets
+the channels-last ``(B, H, W, na, 5 + nc)`` arrays already on device.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+STRIDES = (8, 16, 32)
+#: yolov5s P3-P5 anchors in pixels (models/yolov5s.yaml).
+ANCHORS = np.array(
+    [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]], np.float32
+).reshape(3, 3, 2)
+
+
+def make_inputs(*, batch, img, nc, max_gt, seed):
+    """Raw head outputs ``(B, H, W, na, 5 + nc)`` per level and padded targets."""
+    from jaxyolo.targets import Targets
+
+    rng = np.random.default_rng(seed)
+    preds = [rng.normal(0.0, 1.0, (batch, img // s, img // s, 3, 5 + nc)).astype(np.float32) for s in STRIDES]
+    rows = []
+    for b in range(batch):
+        for _ in range(int(rng.integers(0, max_gt + 1))):
+            w, h = rng.uniform(0.01, 0.6, 2)
+            cx, cy = rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2)
+            rows.append([b, int(rng.integers(nc)), cx, cy, w, h])
+    targets = Targets.from_rows(np.asarray(rows, np.float64).reshape(-1, 6), batch, max_gt)
+    return preds, targets
+
+
+def _median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxyolo.objectives.yolov5 import Yolov5LossConfig, scale_yolov5_hyp, yolov5_loss
+    from jaxyolo.testing import oracles
+    from jaxyolo.testing.oracles.yolov5 import Yolov5Oracle
+
+    preds, targets = make_inputs(batch=batch, img=img, nc=nc, max_gt=max_gt, seed=seed)
+    config = scale_yolov5_hyp(Yolov5LossConfig(), nc=nc, num_levels=len(STRIDES), img_size=img)
+
+    @jax.jit
+    def step(p, t):
+        def f(q):
+            total, comps, _ = yolov5_loss(q, t, anchors=ANCHORS, strides=STRIDES, config=config)
+            return total, comps
+
+        return jax.value_and_grad(f, has_aux=True)(p)
+
+    jpreds = [jnp.asarray(p) for p in preds]
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(jpreds, targets))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    (jax_total, _), _ = jax.block_until_ready(step(jpreds, targets))
+    warm = time.perf_counter() - t0
+    jax_ms = _median_ms(lambda: jax.block_until_ready(step(jpreds, targets)), repeats)
+
+    torch = oracles.torch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # default threads for throughput
+    try:
+        oracle = Yolov5Oracle(anchors=ANCHORS, strides=STRIDES, nc=nc, hyp=config.hyp())
+        leaves = [
+            oracles.tensor(np.ascontiguousarray(np.transpose(p, (0, 3, 1, 2, 4))), grad=True) for p in preds
+        ]
+        rows = oracles.tensor(targets.to_rows())
+
+        def torch_step():
+            for leaf in leaves:
+                leaf.grad = None
+            loss, _ = oracle.loss(leaves, rows)
+            loss.sum().backward()
+            return float(loss.item())
+
+        torch_total = torch_step()  # warm-up
+        torch_ms = _median_ms(torch_step, max(3, repeats // 2))
+    finally:
+        torch.set_num_threads(threads)
+
+    n_gt = int(np.asarray(targets.mask).sum())
+    return dict(
+        family="yolov5",
+        jax_ms=jax_ms,
+        torch_ms=torch_ms,
+        ratio=torch_ms / jax_ms,
+        compile_s=first - warm,
+        notes=f"{n_gt} GTs; total jax {float(jax_total):.6g} vs upstream {torch_total:.6g}",
+    )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    print(bench())
