@@ -69,12 +69,15 @@ class SimOTAAssignment(NamedTuple):
       matched_iou: ``(A,)`` float32 IoU between the anchor's decoded box and
         its matched GT (upstream ``pred_ious_this_matching``); 0 for background.
       num_fg: ``()`` int32 number of positives.
+      num_conflicts: ``()`` int32 number of anchors selected by more than one
+        GT (resolved by the argmin rule); diagnostic only.
     """
 
     fg_mask: jax.Array
     matched_gt: jax.Array
     matched_iou: jax.Array
     num_fg: jax.Array
+    num_conflicts: jax.Array
 
 
 def _bce_log(x):
@@ -171,6 +174,7 @@ def simota(
             jnp.full((num_anchors,), -1, jnp.int32),
             jnp.zeros((num_anchors,), jnp.float32),
             jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
         )
 
     sg = jax.lax.stop_gradient
@@ -243,4 +247,5 @@ def simota(
         jnp.where(fg_mask, matched_gt, -1),
         jnp.where(fg_mask, matched_iou, 0.0),
         jnp.sum(fg_mask).astype(jnp.int32),
+        jnp.sum(count > 1).astype(jnp.int32),
     )

@@ -19,7 +19,9 @@ Loss (sums over the batch, then each divided by ``N = max(num_fg, 1)`` with
   ``stop_gradient``: upstream builds it under ``no_grad``);
 * ``l1``   = ``sum_fg |raw_reg - [gt_xy / s - grid, log(gt_wh / s + 1e-8)]| / N``
   when ``use_l1`` (YOLOX switches it on for the last 15 epochs), else 0;
-* ``total = iou + obj + cls + l1``; ``num_fg_per_gt = num_fg / max(num_gts, 1)``.
+* ``total = iou + obj + cls + l1``; ``num_fg_per_gt = max(num_fg, 1) / max(num_gts, 1)``.
+  *Upstream quirk*: ``num_fg`` is clamped to 1 before this ratio is taken, so
+  a batch without GTs reports ``num_fg_per_gt = 1``, not 0.  Reproduced.
 
 Upstream notes (reproduced where they affect numbers):
 
@@ -233,7 +235,7 @@ def yolox_loss(preds, targets: Targets, *, strides: Sequence[int] = (8, 16, 32),
         "obj": loss_obj,
         "cls": loss_cls,
         "l1": loss_l1,
-        "num_fg_per_gt": num_fg / jnp.maximum(num_gts, 1.0),
+        "num_fg_per_gt": denom / jnp.maximum(num_gts, 1.0),  # upstream quirk: max(num_fg, 1)
     }
     if return_assignment:
         return total, components, assignment

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxyolo.testing.oracles._torch import grad_nhwc, nhwc_to_torch, numpy, tensor, torch, yolox_modules
 
-__all__ = ["yolox_head", "yolox_labels", "yolox_get_losses", "yolox_get_assignments"]
+__all__ = ["yolox_head", "yolox_labels", "yolox_get_losses", "yolox_get_assignments", "yolox_assign_decoded"]
 
 
 def yolox_head(nc: int, *, strides=(8, 16, 32), use_l1: bool = False):
@@ -166,3 +166,44 @@ def yolox_get_assignments(preds_nhwc, targets, *, strides=(8, 16, 32), image_siz
             ious[b, fg_mask] = numpy(pred_ious)
             num_fg[b] = int(n)
     return dict(fg_mask=fg, matched_gt=matched, matched_iou=ious, num_fg=num_fg)
+
+
+def yolox_assign_decoded(pred_boxes, obj_logits, cls_logits, grid, strides, gt_boxes, gt_classes):
+    """Upstream ``get_assignments`` of one image from already-decoded inputs.
+
+    For constructed cases (exact boxes, chosen IoUs) where going through
+    ``exp`` would blur the numbers.
+
+    Args:
+      pred_boxes: ``(A, 4)`` decoded cxcywh pixels.
+      obj_logits: ``(A,)``; cls_logits: ``(A, nc)``.
+      grid: ``(A, 2)`` cell ``(x, y)``; strides: ``(A,)`` pixels.
+      gt_boxes: ``(n, 4)`` cxcywh pixels (``n >= 1``, real GTs only);
+      gt_classes: ``(n,)`` ints.
+
+    Returns:
+      dict: ``fg_mask`` ``(A,)``, ``matched_gt`` ``(A,)`` (``-1`` background),
+      ``matched_iou`` ``(A,)``, ``num_fg``.
+    """
+    t = torch()
+    cls_logits = np.asarray(cls_logits, np.float32)
+    nc = cls_logits.shape[-1]
+    head = yolox_head(nc, strides=(8,))
+    num_anchors, num_gt = len(pred_boxes), len(gt_boxes)
+    bbox = tensor(pred_boxes)[None]
+    obj = tensor(obj_logits).reshape(1, num_anchors, 1)
+    cls = tensor(cls_logits)[None]
+    grid = np.asarray(grid, np.float32)
+    xs, ys, es = tensor(grid[None, :, 0]), tensor(grid[None, :, 1]), tensor(np.asarray(strides, np.float32)[None])
+    gt = tensor(gt_boxes)
+    labels = t.cat([tensor(np.asarray(gt_classes, np.float32))[:, None], gt], 1)[None]
+    with t.no_grad():
+        _, fg_mask, pred_ious, matched_inds, n = head.get_assignments(
+            0, num_gt, num_anchors, gt, labels[0, :, 0], bbox[0], es, xs, ys, cls, bbox, obj, labels, None
+        )
+    fg_mask = numpy(fg_mask).astype(bool)
+    matched = np.full((num_anchors,), -1, np.int64)
+    matched[fg_mask] = numpy(matched_inds)
+    ious = np.zeros((num_anchors,), np.float32)
+    ious[fg_mask] = numpy(pred_ious)
+    return dict(fg_mask=fg_mask, matched_gt=matched, matched_iou=ious, num_fg=int(n))
