@@ -140,7 +140,7 @@ def yolox_decode(preds, *, strides=(8, 16, 32)):
     """
     preds, strides, _ = _level_shapes(preds, strides, image_size=(1, 1))
     batch, ch = preds[0].shape[0], preds[0].shape[-1]
-    raw = jnp.concatenate([p.reshape(batch, -1, ch) for p in preds], axis=1)
+    raw = jnp.concatenate([p.reshape(batch, p.shape[1] * p.shape[2], ch) for p in preds], axis=1)
     grid, stride = make_anchor_points([p.shape[1:3] for p in preds], strides, offset=0.0)
     stride = stride[:, 0]
     xy = (raw[..., :2] + grid[None]) * stride[None, :, None]
