@@ -83,8 +83,11 @@ def test_strict_conflicts_in_the_loss_changes_targets_only_where_upstream_reassi
     preds = make_preds(rng, 2, (128, 128), 4)
     targets = clustered_targets(rng, [20, 24], 4)
     cfg = jaxyolo.YoloxLossConfig(strict_conflicts=True)
-    _, _, up = jaxyolo.yolox_loss(preds, targets, strides=STRIDES, return_assignment=True)
-    _, _, st = jaxyolo.yolox_loss(preds, targets, strides=STRIDES, config=cfg, return_assignment=True)
+    run = jax.jit(
+        lambda p, t, c: jaxyolo.yolox_loss(p, t, strides=STRIDES, config=c, return_assignment=True), static_argnums=2
+    )
+    _, _, up = run(preds, targets, jaxyolo.YoloxLossConfig())
+    _, _, st = run(preds, targets, cfg)
     assert int(np.asarray(up.num_conflicts).sum()) > 0
     np.testing.assert_array_equal(np.asarray(up.fg_mask), np.asarray(st.fg_mask))
     differ = np.asarray(up.matched_gt) != np.asarray(st.matched_gt)
@@ -159,16 +162,29 @@ def test_main_variant_geometry():
 
 
 # ---------------------------------------------------------------- the loss's contract
+@jax.jit
+def _vg(preds, targets):
+    """Jitted value_and_grad of the loss (eager dispatch would be slow)."""
+    return jax.value_and_grad(lambda p: jaxyolo.yolox_loss(p, targets, strides=STRIDES), has_aux=True)(preds)
+
+
 def test_simota_vmapped_equals_loss_assignment():
     rng = np.random.default_rng(13)
     preds = make_preds(rng, 3, (64, 64), 2)
     targets = make_targets(rng, [2, 0, 5], 2, max_boxes=6)
-    _, _, assignment = jaxyolo.yolox_loss(preds, targets, strides=STRIDES, return_assignment=True)
-    raw, boxes, grid, stride = jaxyolo.objectives.yolox.yolox_decode(preds, strides=STRIDES)
-    gt_px = targets.boxes * jnp.asarray([64.0, 64.0, 64.0, 64.0])
-    direct = jax.vmap(simota, in_axes=(0, 0, 0, None, None, 0, 0, 0))(
-        boxes, raw[..., 4], raw[..., 5:], grid, stride, gt_px, targets.classes, targets.mask
+    _, _, assignment = jax.jit(lambda p, t: jaxyolo.yolox_loss(p, t, strides=STRIDES, return_assignment=True))(
+        preds, targets
     )
+
+    @jax.jit
+    def direct_fn(preds, targets):
+        raw, boxes, grid, stride = jaxyolo.objectives.yolox.yolox_decode(preds, strides=STRIDES)
+        gt_px = targets.boxes * jnp.asarray([64.0, 64.0, 64.0, 64.0])
+        return jax.vmap(simota, in_axes=(0, 0, 0, None, None, 0, 0, 0))(
+            boxes, raw[..., 4], raw[..., 5:], grid, stride, gt_px, targets.classes, targets.mask
+        )
+
+    direct = direct_fn(preds, targets)
     for x, y in zip(direct, assignment):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -205,11 +221,8 @@ def test_padded_rows_are_ignored_and_nan_free():
     junk_classes = np.where(mask, np.asarray(targets.classes), 99).astype(np.int32)  # out of range, but padded
     junk = Targets(jnp.asarray(junk_boxes), jnp.asarray(junk_classes), targets.mask)
 
-    def run(t):
-        return jax.value_and_grad(lambda p: jaxyolo.yolox_loss(p, t, strides=STRIDES), has_aux=True)(preds)
-
-    (t1, c1), g1 = run(targets)
-    (t2, c2), g2 = run(junk)
+    (t1, c1), g1 = _vg(preds, targets)
+    (t2, c2), g2 = _vg(preds, junk)
     _finite_everything(t1, c1, g1)
     assert float(t1) == float(t2)
     for a, b in zip(g1, g2):
@@ -222,9 +235,7 @@ def test_zero_gt_slots_and_empty_batch_are_nan_free(oracles):
     rng = np.random.default_rng(16)
     preds = make_preds(rng, 2, (64, 64), 3)
     empty = Targets(jnp.zeros((2, 0, 4)), jnp.zeros((2, 0), jnp.int32), jnp.zeros((2, 0), bool))
-    (total, comps), grads = jax.value_and_grad(
-        lambda p: jaxyolo.yolox_loss(p, empty, strides=STRIDES), has_aux=True
-    )(preds)
+    (total, comps), grads = _vg(preds, empty)
     _finite_everything(total, comps, grads)
     no_gt = make_targets(rng, [0, 0], 3, max_boxes=4)
     ref = oyolox.yolox_get_losses(preds, no_gt, strides=STRIDES)
@@ -234,9 +245,7 @@ def test_zero_gt_slots_and_empty_batch_are_nan_free(oracles):
 
     zero_batch = [np.zeros((0,) + p.shape[1:], np.float32) for p in preds]
     t0 = Targets(jnp.zeros((0, 4, 4)), jnp.zeros((0, 4), jnp.int32), jnp.zeros((0, 4), bool))
-    (total0, comps0), grads0 = jax.value_and_grad(
-        lambda p: jaxyolo.yolox_loss(p, t0, strides=STRIDES), has_aux=True
-    )(zero_batch)
+    (total0, comps0), grads0 = _vg(zero_batch, t0)
     _finite_everything(total0, comps0, grads0)
     assert float(total0) == 0.0
 
@@ -246,8 +255,9 @@ def test_bf16_inputs_computed_in_float32():
     preds = make_preds(rng, 2, (64, 64), 3)
     targets = make_targets(rng, [4, 2], 3, max_boxes=6)
     bf16 = [jnp.asarray(p, jnp.bfloat16) for p in preds]
-    total_bf16, _ = jaxyolo.yolox_loss(bf16, targets, strides=STRIDES)
-    total_f32, _ = jaxyolo.yolox_loss([p.astype(jnp.float32) for p in bf16], targets, strides=STRIDES)
+    run = jax.jit(lambda p, t: jaxyolo.yolox_loss(p, t, strides=STRIDES)[0])
+    total_bf16 = run(bf16, targets)
+    total_f32 = run([p.astype(jnp.float32) for p in bf16], targets)
     assert total_bf16.dtype == jnp.float32
     assert float(total_bf16) == float(total_f32)
 
@@ -291,5 +301,7 @@ def test_bad_shapes_and_types():
             jnp.zeros((3, 4)), jnp.zeros((3,), jnp.int32), jnp.ones((4,), bool),
         )
     # an explicit image_size lifts the consistency requirement
-    total, _ = loss([preds[0], preds[1][:, :3], preds[2]], targets, strides=STRIDES, image_size=(64, 64))
+    total, _ = jax.jit(lambda p, t: loss(p, t, strides=STRIDES, image_size=(64, 64)))(
+        [preds[0], preds[1][:, :3], preds[2]], targets
+    )
     assert np.isfinite(float(total))
