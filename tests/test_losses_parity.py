@@ -1,5 +1,6 @@
 """jaxyolo.losses against the upstream loss classes: values and gradients."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,3 +171,29 @@ def test_reduce_names_the_argument():
         L.reduce(jnp.ones(3), "average")
     assert float(L.reduce(jnp.arange(4.0), "sum")) == 6.0
     assert float(L.reduce(jnp.arange(4.0), "mean")) == 1.5
+
+
+class ElementLossVariantsTest(chex.TestCase):
+    """Every element loss gives the same numbers with and without jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_jit_and_eager_agree(self):
+        rng = np.random.default_rng(7)
+        x = rng.normal(0, 2, (6, 5)).astype(np.float32)
+        t = rng.uniform(0, 1, (6, 5)).astype(np.float32)
+        label = (t > 0.5).astype(np.float32)
+        boxes = np.concatenate([rng.uniform(10, 50, (6, 2)), rng.uniform(2, 20, (6, 2))], 1).astype(np.float32)
+        cases = {
+            "bce": (lambda a, b: L.bce_with_logits(a, b, pos_weight=2.0), (x, t)),
+            "focal": (lambda a, b: L.focal_loss(a, b), (x, label)),
+            "qfocal": (lambda a, b: L.qfocal_loss(a, b), (x, t)),
+            "blur": (lambda a, b: L.bce_blur_loss(a, b), (x, label)),
+            "vfl": (lambda a, b: L.varifocal_loss(a, b * label, label), (x, t)),
+            "dfl": (lambda a, b: L.dfl_loss(a.reshape(6, 5, 1) * jnp.ones(4), b * 3), (x, t)),
+            "yolox": (lambda a, b: L.yolox_iou_loss(a, b, kind="giou"), (boxes, boxes[::-1])),
+        }
+        for name, (fn, args) in cases.items():
+            eager = fn(*args)
+            out = self.variant(fn)(*args)
+            np.testing.assert_allclose(out, eager, rtol=1e-6, atol=1e-7, err_msg=name)
+            assert np.all(np.isfinite(out)), name
