@@ -85,7 +85,7 @@ def jitted_assign(strides, config):
         d = decode_predictions(preds, strides=strides, reg_max=config.reg_max)
         gt, mask = gt_pixels(targets, d["imgsz"])
         return task_aligned_details(
-            jax.nn.sigmoid(d["pred_scores"]),
+            jax.nn.sigmoid(jnp.concatenate(d["pred_scores"], axis=1)),
             d["pred_bboxes"] * d["stride"],
             d["anchor_points"] * d["stride"],
             targets.classes,

@@ -64,7 +64,7 @@ from jaxyolo._math import atan_ratio, clamp
 
 PRESETS = ("ultralytics", "yolov9")
 
-__all__ = ["PRESETS", "TalAssignment", "task_aligned", "task_aligned_details"]
+__all__ = ["PRESETS", "TalAssignment", "assign_core", "class_scores_at_gts", "task_aligned", "task_aligned_details"]
 
 
 class TalAssignment(NamedTuple):
@@ -162,6 +162,159 @@ def _topk_mask(metric, k):
     return jnp.zeros(metric.shape, bool).at[bi, mi, idx].set(True)
 
 
+def _first_argmax(x, axis):
+    """``argmax`` (first maximum, as torch's CPU kernels) via two plain reductions.
+
+    XLA:CPU lowers ``jnp.argmax`` to a variadic reduce that is ~50x slower than
+    ``max``/``min`` over a middle axis; this is bit-identical for finite ``x``.
+    """
+    n = x.shape[axis]
+    mx = jnp.max(x, axis=axis, keepdims=True)
+    shape = [1] * x.ndim
+    shape[axis] = n
+    iota = jnp.arange(n, dtype=jnp.int32).reshape(shape)
+    return jnp.min(jnp.where(x == mx, iota, n), axis=axis)
+
+
+def _pow(x, p):
+    """``x ** p``; integral ``p`` uses repeated multiplication (XLA:CPU's generic
+    ``pow`` is exp(log) per element and ~20x slower)."""
+    if float(p).is_integer() and 0 <= p <= 16:
+        return jax.lax.integer_pow(x, int(p))
+    if p == 0.5:
+        return jnp.sqrt(x)
+    return x**p
+
+
+def class_scores_at_gts(pred_scores, gt_labels):
+    """``(B, M, A)`` score of each GT's class at every anchor.
+
+    Args:
+      pred_scores: ``(B, A, nc)`` scores (probabilities, or logits to apply
+        the sigmoid afterwards on the smaller ``(B, M, A)`` result).
+      gt_labels: ``(B, M)`` int class ids (clipped into ``[0, nc)``).
+    """
+    nc = pred_scores.shape[-1]
+    labels = jnp.clip(gt_labels, 0, nc - 1)
+    return jnp.take_along_axis(jnp.swapaxes(pred_scores, 1, 2), labels[:, :, None], axis=1)
+
+
+def assign_core(
+    bbox_scores,
+    pred_bboxes,
+    anchor_points,
+    gt_labels,
+    gt_bboxes,
+    gt_mask,
+    *,
+    topk: int = 10,
+    alpha: float = 0.5,
+    beta: float = 6.0,
+    eps: float = 1e-9,
+    preset: str = "ultralytics",
+    topk2: int | None = None,
+    strides=(8, 16, 32),
+):
+    """The assigner on precomputed class scores, with compact outputs.
+
+    Args:
+      bbox_scores: ``(B, M, A)`` probability of GT ``m``'s class at anchor
+        ``a`` (:func:`class_scores_at_gts`).  Other arguments as
+        :func:`task_aligned` (already validated, float32, no gradient).
+
+    Returns:
+      dict: ``target_labels (B, A)``, ``target_bboxes (B, A, 4)``, ``norm
+      (B, A)`` (the target score of the assigned class; 0 off the
+      foreground), ``fg_mask``, ``target_gt_idx``, ``align_metric``,
+      ``overlaps``, ``mask_pos`` (``(B, M, A)``).  The one-hot ``(B, A, nc)``
+      target scores are ``one_hot(target_labels) * norm``.
+    """
+    m = gt_bboxes.shape[1]
+    strides = tuple(strides)
+    stride_val = strides[1] if len(strides) > 1 else strides[0]
+    valid = gt_mask[..., None]  # (B, M, 1)
+
+    mask_in = _in_gt_mask(anchor_points, gt_bboxes, gt_mask, preset=preset, stride_val=stride_val)
+    convention = "ultralytics" if preset == "ultralytics" else "yolov5"
+    overlaps = _pairwise_ciou(gt_bboxes, pred_bboxes, eps=1e-7, convention=convention)
+    align = _pow(bbox_scores, alpha) * _pow(overlaps, beta)
+    if preset == "ultralytics":
+        pair_ok = mask_in & valid
+        overlaps = jnp.where(pair_ok, overlaps, 0.0)
+        align = jnp.where(pair_ok, align, 0.0)
+        topk_metric = align
+    else:
+        topk_metric = jnp.where(mask_in, align, 0.0)
+
+    mask_pos = _topk_mask(topk_metric, topk) & mask_in & valid
+
+    # An anchor claimed by several GTs goes to the GT of highest overlap.
+    multi = jnp.sum(mask_pos, axis=1, keepdims=True) > 1  # (B, 1, A)
+    best = _first_argmax(overlaps, axis=1)  # (B, A), first max as torch
+    is_best = jnp.arange(m)[None, :, None] == best[:, None, :]
+    mask_pos = jnp.where(multi, is_best, mask_pos)
+    if preset == "ultralytics" and topk2 is not None and topk2 != topk:
+        mask_pos = mask_pos & _topk_mask(jnp.where(mask_pos, align, 0.0), topk2)
+
+    fg_mask = jnp.any(mask_pos, axis=1)  # (B, A)
+    target_gt_idx = _first_argmax(mask_pos.astype(jnp.int8), axis=1)  # 0 where not fg
+
+    labels = jnp.maximum(gt_labels, 0)
+    target_labels = jnp.take_along_axis(labels, target_gt_idx, axis=1)
+    target_bboxes = jnp.take_along_axis(gt_bboxes, target_gt_idx[..., None], axis=1)
+
+    # Normalise: per GT, scale align by max overlap / max align over its positives.
+    align_pos = jnp.where(mask_pos, align, 0.0)
+    pos_align = jnp.max(align_pos, axis=-1, keepdims=True)  # (B, M, 1)
+    pos_overlaps = jnp.max(jnp.where(mask_pos, overlaps, 0.0), axis=-1, keepdims=True)
+    norm = jnp.max(align_pos * pos_overlaps / (pos_align + eps), axis=1)  # (B, A)
+    norm = jnp.where(fg_mask, norm, 0.0).astype(jnp.float32)
+    return dict(
+        target_labels=target_labels.astype(jnp.int32),
+        target_bboxes=target_bboxes,
+        norm=norm,
+        fg_mask=fg_mask,
+        target_gt_idx=target_gt_idx,
+        align_metric=align.astype(jnp.float32),
+        overlaps=overlaps.astype(jnp.float32),
+        mask_pos=mask_pos,
+    )
+
+
+def _validate(pred_scores, pred_bboxes, anchor_points, gt_labels, gt_bboxes, gt_mask, *, preset, topk, topk2):
+    _checks.choice(preset, PRESETS, "preset")
+    _checks.positive_int(topk, "topk")
+    if topk2 is not None:
+        _checks.positive_int(topk2, "topk2")
+    pred_scores = jax.lax.stop_gradient(_checks.float_array(pred_scores, "pred_scores"))
+    pred_bboxes = jax.lax.stop_gradient(_checks.float_array(pred_bboxes, "pred_bboxes"))
+    anchor_points = jax.lax.stop_gradient(_checks.float_array(anchor_points, "anchor_points"))
+    gt_bboxes = jax.lax.stop_gradient(_checks.float_array(gt_bboxes, "gt_bboxes"))
+    gt_labels = _checks.int_array(gt_labels, "gt_labels")
+    gt_mask = _checks.bool_array(gt_mask, "gt_mask")
+    _checks.ndim(pred_scores, 3, "pred_scores", "(B, A, nc)")
+    _checks.ndim(pred_bboxes, 3, "pred_bboxes", "(B, A, 4)")
+    _checks.last_dim(pred_bboxes, 4, "pred_bboxes", "pixels x1, y1, x2, y2")
+    _checks.ndim(anchor_points, 2, "anchor_points", "(A, 2)")
+    _checks.last_dim(anchor_points, 2, "anchor_points", "pixels x, y")
+    _checks.ndim(gt_bboxes, 3, "gt_bboxes", "(B, M, 4)")
+    _checks.last_dim(gt_bboxes, 4, "gt_bboxes", "pixels x1, y1, x2, y2")
+    b, a, _ = pred_scores.shape
+    m = gt_bboxes.shape[1]
+    if pred_bboxes.shape[:2] != (b, a) or anchor_points.shape[0] != a:
+        raise ValueError(
+            f"pred_scores (B, A, nc) = {pred_scores.shape}, pred_bboxes {pred_bboxes.shape} and "
+            f"anchor_points {anchor_points.shape} disagree on B or A"
+        )
+    if gt_bboxes.shape[0] != b or gt_labels.shape != (b, m) or gt_mask.shape != (b, m):
+        raise ValueError(
+            f"gt_labels {gt_labels.shape} and gt_mask {gt_mask.shape} must be (B, M) = {(b, m)} "
+            f"matching gt_bboxes {gt_bboxes.shape} and pred_scores batch {b}"
+        )
+    dtype = jnp.promote_types(pred_bboxes.dtype, gt_bboxes.dtype)
+    return pred_scores, pred_bboxes.astype(dtype), anchor_points, gt_labels, gt_bboxes.astype(dtype), gt_mask
+
+
 def task_aligned_details(
     pred_scores,
     pred_bboxes,
@@ -179,88 +332,37 @@ def task_aligned_details(
     strides=(8, 16, 32),
 ) -> TalAssignment:
     """:func:`task_aligned` plus the intermediate ``(B, M, A)`` metrics (for tests)."""
-    _checks.choice(preset, PRESETS, "preset")
-    topk = _checks.positive_int(topk, "topk")
-    if topk2 is not None:
-        topk2 = _checks.positive_int(topk2, "topk2")
-    pred_scores = jax.lax.stop_gradient(_checks.float_array(pred_scores, "pred_scores"))
-    pred_bboxes = jax.lax.stop_gradient(_checks.float_array(pred_bboxes, "pred_bboxes"))
-    anchor_points = jax.lax.stop_gradient(_checks.float_array(anchor_points, "anchor_points"))
-    gt_bboxes = jax.lax.stop_gradient(_checks.float_array(gt_bboxes, "gt_bboxes"))
-    gt_labels = _checks.int_array(gt_labels, "gt_labels")
-    gt_mask = _checks.bool_array(gt_mask, "gt_mask")
-    _checks.ndim(pred_scores, 3, "pred_scores", "(B, A, nc)")
-    _checks.ndim(pred_bboxes, 3, "pred_bboxes", "(B, A, 4)")
-    _checks.last_dim(pred_bboxes, 4, "pred_bboxes", "pixels x1, y1, x2, y2")
-    _checks.ndim(anchor_points, 2, "anchor_points", "(A, 2)")
-    _checks.last_dim(anchor_points, 2, "anchor_points", "pixels x, y")
-    _checks.ndim(gt_bboxes, 3, "gt_bboxes", "(B, M, 4)")
-    _checks.last_dim(gt_bboxes, 4, "gt_bboxes", "pixels x1, y1, x2, y2")
-    b, a, nc = pred_scores.shape
-    m = gt_bboxes.shape[1]
-    if pred_bboxes.shape[:2] != (b, a) or anchor_points.shape[0] != a:
-        raise ValueError(
-            f"pred_scores (B, A, nc) = {pred_scores.shape}, pred_bboxes {pred_bboxes.shape} and "
-            f"anchor_points {anchor_points.shape} disagree on B or A"
-        )
-    if gt_bboxes.shape[0] != b or gt_labels.shape != (b, m) or gt_mask.shape != (b, m):
-        raise ValueError(
-            f"gt_labels {gt_labels.shape} and gt_mask {gt_mask.shape} must be (B, M) = {(b, m)} "
-            f"matching gt_bboxes {gt_bboxes.shape} and pred_scores batch {b}"
-        )
-    dtype = jnp.promote_types(pred_bboxes.dtype, gt_bboxes.dtype)
-    pred_bboxes, gt_bboxes = pred_bboxes.astype(dtype), gt_bboxes.astype(dtype)
-    strides = tuple(strides)
-    stride_val = strides[1] if len(strides) > 1 else strides[0]
-    labels = jnp.clip(gt_labels, 0, nc - 1)
-    valid = gt_mask[..., None]  # (B, M, 1)
-
-    mask_in = _in_gt_mask(anchor_points, gt_bboxes, gt_mask, preset=preset, stride_val=stride_val)
-    convention = "ultralytics" if preset == "ultralytics" else "yolov5"
-    overlaps = _pairwise_ciou(gt_bboxes, pred_bboxes, eps=1e-7, convention=convention)
-    # score of the GT's class at every anchor, (B, M, A)
-    bbox_scores = jnp.take_along_axis(jnp.swapaxes(pred_scores, 1, 2), labels[:, :, None], axis=1)
-    align = bbox_scores**alpha * overlaps**beta
-    if preset == "ultralytics":
-        pair_ok = mask_in & valid
-        overlaps = jnp.where(pair_ok, overlaps, 0.0)
-        align = jnp.where(pair_ok, align, 0.0)
-        topk_metric = align
-    else:
-        topk_metric = jnp.where(mask_in, align, 0.0)
-
-    mask_pos = _topk_mask(topk_metric, topk) & mask_in & valid
-
-    # An anchor claimed by several GTs goes to the GT of highest overlap.
-    multi = jnp.sum(mask_pos, axis=1, keepdims=True) > 1  # (B, 1, A)
-    best = jnp.argmax(overlaps, axis=1)  # (B, A), first max as torch
-    is_best = jnp.arange(m)[None, :, None] == best[:, None, :]
-    mask_pos = jnp.where(multi, is_best, mask_pos)
-    if preset == "ultralytics" and topk2 is not None and topk2 != topk:
-        mask_pos = mask_pos & _topk_mask(jnp.where(mask_pos, align, 0.0), topk2)
-
-    fg_mask = jnp.any(mask_pos, axis=1)  # (B, A)
-    target_gt_idx = jnp.argmax(mask_pos, axis=1).astype(jnp.int32)  # 0 where not fg
-
-    target_labels = jnp.take_along_axis(labels, target_gt_idx, axis=1)
-    target_bboxes = jnp.take_along_axis(gt_bboxes, target_gt_idx[..., None], axis=1)
-
-    # Normalise: per GT, scale align by max overlap / max align over its positives.
-    align_pos = jnp.where(mask_pos, align, 0.0)
-    pos_align = jnp.max(align_pos, axis=-1, keepdims=True)  # (B, M, 1)
-    pos_overlaps = jnp.max(jnp.where(mask_pos, overlaps, 0.0), axis=-1, keepdims=True)
-    norm = jnp.max(align_pos * pos_overlaps / (pos_align + eps), axis=1)  # (B, A)
-    one_hot = jax.nn.one_hot(target_labels, nc, dtype=jnp.float32)
-    target_scores = jnp.where(fg_mask[..., None], one_hot, 0.0) * norm[..., None].astype(jnp.float32)
+    pred_scores, pred_bboxes, anchor_points, gt_labels, gt_bboxes, gt_mask = _validate(
+        pred_scores, pred_bboxes, anchor_points, gt_labels, gt_bboxes, gt_mask, preset=preset, topk=topk, topk2=topk2
+    )
+    nc = pred_scores.shape[-1]
+    gt_labels = jnp.clip(gt_labels, 0, nc - 1)
+    out = assign_core(
+        class_scores_at_gts(pred_scores, gt_labels),
+        pred_bboxes,
+        anchor_points,
+        gt_labels,
+        gt_bboxes,
+        gt_mask,
+        topk=topk,
+        alpha=alpha,
+        beta=beta,
+        eps=eps,
+        preset=preset,
+        topk2=topk2,
+        strides=strides,
+    )
+    one_hot = jax.nn.one_hot(out["target_labels"], nc, dtype=jnp.float32)
+    target_scores = one_hot * out["norm"][..., None]
     return TalAssignment(
-        target_labels.astype(jnp.int32),
-        target_bboxes,
+        out["target_labels"],
+        out["target_bboxes"],
         target_scores,
-        fg_mask,
-        target_gt_idx,
-        align.astype(jnp.float32),
-        overlaps.astype(jnp.float32),
-        mask_pos,
+        out["fg_mask"],
+        out["target_gt_idx"],
+        out["align_metric"],
+        out["overlaps"],
+        out["mask_pos"],
     )
 
 

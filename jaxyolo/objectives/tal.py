@@ -45,6 +45,7 @@ Upstream quirks, named once:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -52,14 +53,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxyolo import _checks
-from jaxyolo.assign.tal import PRESETS, task_aligned
+from jaxyolo._math import clamp
+from jaxyolo.assign.tal import PRESETS, assign_core, class_scores_at_gts
 from jaxyolo.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchor_points, xywh2xyxy
-from jaxyolo.losses import bce_with_logits, dfl_loss, focal_loss, varifocal_loss
+from jaxyolo.losses import bce_with_logits, focal_loss, varifocal_loss
 from jaxyolo.targets import Targets
 
 CLS_LOSSES = ("bce", "varifocal")
 
-__all__ = ["CLS_LOSSES", "TalLossConfig", "yolov8_loss", "decode_predictions"]
+__all__ = ["CLS_LOSSES", "TalLossConfig", "assign_for_loss", "decode_predictions", "gt_pixels", "yolov8_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,113 @@ class TalLossConfig:
             object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
 
 
+# --- fused elementwise pieces ------------------------------------------------
+# The loss touches three big dense tensors per level: the class logits
+# (B, A_l, nc), the DFL logits (B, A_l, 4, reg_max) and their gradients.  On CPU
+# the cost is dominated by materialising intermediates of that size, so the
+# three dense terms below have custom VJPs whose backward *recomputes* the cheap
+# elementwise quantities (softmax, sigmoid, one-hot targets) from the inputs
+# instead of saving them; XLA then fuses each gradient straight into the output.
+
+
+def _onehot_targets(labels, scores, nc, smoothing):
+    """``(B, A, nc)`` soft one-hot targets ``one_hot(labels) * scores`` (+ smoothing)."""
+    t = jnp.where(jnp.arange(nc, dtype=labels.dtype) == labels[..., None], scores[..., None], 0.0)
+    if smoothing:
+        t = t * (1.0 - smoothing) + 0.5 * smoothing
+    return t
+
+
+def _bce_terms(logits, targets):
+    """torch's ``BCEWithLogits`` value ``(1 - t) x + max(-x, 0) + log1p(exp(-|x|))``
+    and gradient ``sigmoid(x) - t`` sharing one ``exp``."""
+    e = jnp.exp(-jnp.abs(logits))
+    value = (1 - targets) * logits + jnp.maximum(-logits, 0.0) + jnp.log1p(e)
+    grad = jnp.where(logits >= 0, 1.0, e) / (1.0 + e) - targets
+    return value, grad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _bce_onehot_sum(logits, labels, scores, weights, smoothing):
+    """``sum(weights[c] * BCE(logits, one_hot(labels) * scores))`` over ``(B, A, nc)``."""
+    t = _onehot_targets(labels, scores, logits.shape[-1], smoothing)
+    return jnp.sum(weights * _bce_terms(logits, t)[0])
+
+
+def _bce_onehot_fwd(logits, labels, scores, weights, smoothing):
+    return _bce_onehot_sum(logits, labels, scores, weights, smoothing), (logits, labels, scores, weights)
+
+
+def _bce_onehot_bwd(smoothing, res, ct):
+    logits, labels, scores, weights = res
+    t = _onehot_targets(labels, scores, logits.shape[-1], smoothing)
+    grad = ct * weights * _bce_terms(logits, t)[1]
+    return grad, np.zeros(labels.shape, jax.dtypes.float0), jnp.zeros_like(scores), jnp.zeros_like(weights)
+
+
+_bce_onehot_sum.defvjp(_bce_onehot_fwd, _bce_onehot_bwd)
+
+
+@jax.custom_vjp
+def _dfl_expectation(dist):
+    """``(..., 4)`` expected bin ``sum(softmax(dist) * arange(reg_max))`` of ``(..., 4, reg_max)`` logits
+    (upstream ``softmax(3).matmul(proj)``).  Gradient ``p (bin - expectation) g``."""
+    p = jax.nn.softmax(dist, axis=-1)
+    return jnp.sum(p * jnp.arange(dist.shape[-1], dtype=p.dtype), axis=-1)
+
+
+def _dfl_expectation_fwd(dist):
+    out = _dfl_expectation(dist)
+    return out, (dist, out)
+
+
+def _dfl_expectation_bwd(res, g):
+    dist, mean = res
+    p = jax.nn.softmax(dist, axis=-1)
+    bins = jnp.arange(dist.shape[-1], dtype=p.dtype)
+    return (g[..., None] * p * (bins - mean[..., None]),)
+
+
+_dfl_expectation.defvjp(_dfl_expectation_fwd, _dfl_expectation_bwd)
+
+
+def _dfl_bin_weights(target, reg_max):
+    """``(..., reg_max)`` weights ``w_l`` at ``floor(t)`` and ``w_r`` at ``floor(t) + 1``
+    for a target clamped to ``[0, reg_max - 1 - 0.01]`` (upstream ``DFLoss``)."""
+    target = clamp(target, 0.0, reg_max - 1 - 0.01)
+    tl = target.astype(jnp.int32)  # non-negative: trunc == floor, as torch's .long()
+    wl = (tl + 1) - target
+    wr = 1 - wl
+    bins = jnp.arange(reg_max, dtype=jnp.int32)
+    return jnp.where(bins == tl[..., None], wl[..., None], 0.0) + jnp.where(bins == tl[..., None] + 1, wr[..., None], 0.0)
+
+
+@jax.custom_vjp
+def _dfl_per_side(dist, target):
+    """DFL per side ``-(w_l log p[t_l] + w_r log p[t_r])``, ``(..., 4)``, as upstream
+    ``DFLoss`` before its mean over the sides (and :func:`jaxyolo.losses.dfl_loss`).
+
+    The two gathers are a weighted sum over the bins (exact: the other terms
+    are zeros); the backward ``g (softmax - w)`` is elementwise.  No gradient
+    flows to ``target``.
+    """
+    w = _dfl_bin_weights(target, dist.shape[-1])
+    return -jnp.sum(jax.nn.log_softmax(dist, axis=-1) * w, axis=-1)
+
+
+def _dfl_per_side_fwd(dist, target):
+    return _dfl_per_side(dist, target), (dist, target)
+
+
+def _dfl_per_side_bwd(res, g):
+    dist, target = res
+    w = _dfl_bin_weights(target, dist.shape[-1])
+    return g[..., None] * (jax.nn.softmax(dist, axis=-1) - w), jnp.zeros_like(target)
+
+
+_dfl_per_side.defvjp(_dfl_per_side_fwd, _dfl_per_side_bwd)
+
+
 def _check_preds(preds, strides, reg_max, nc):
     if isinstance(preds, (jnp.ndarray, np.ndarray)) or not isinstance(preds, Sequence):
         raise TypeError("preds must be a sequence of per-level (B, H, W, 4*reg_max + nc) arrays")
@@ -134,7 +243,7 @@ def _check_preds(preds, strides, reg_max, nc):
 
 
 def decode_predictions(preds, *, strides=(8, 16, 32), reg_max=16):
-    """Flatten per-level head outputs and decode the DFL boxes.
+    """Split per-level head outputs and decode the DFL boxes.
 
     Args:
       preds: per level ``(B, H, W, 4*reg_max + nc)`` logits, DFL bins ltrb-major
@@ -143,20 +252,21 @@ def decode_predictions(preds, *, strides=(8, 16, 32), reg_max=16):
       reg_max: DFL bins per side.
 
     Returns:
-      dict with ``pred_dist (B, A, 4, reg_max)`` logits, ``pred_scores (B, A, nc)``
-      logits, ``pred_bboxes (B, A, 4)`` xyxy **grid units**, ``anchor_points
-      (A, 2)`` grid units, ``stride (A, 1)`` pixels, ``imgsz (h, w)`` pixels
-      (level 0's shape times ``strides[0]``, as upstream).
+      dict with per-level lists ``pred_dist`` ``(B, A_l, 4, reg_max)`` and
+      ``pred_scores`` ``(B, A_l, nc)`` logits (levels are kept apart so that
+      no ``(B, A, nc)`` concatenation is materialised), and concatenated
+      ``pred_bboxes (B, A, 4)`` xyxy **grid units**, ``anchor_points (A, 2)``
+      grid units, ``stride (A, 1)`` pixels, ``imgsz (h, w)`` pixels (level 0's
+      shape times ``strides[0]``, as upstream), ``sizes`` (``A_l`` per level).
     """
     preds = _check_preds(preds, strides, reg_max, None)
     b, c = preds[0].shape[0], preds[0].shape[-1]
-    flat = jnp.concatenate([p.reshape(b, -1, c) for p in preds], axis=1)
-    pred_dist = flat[..., : 4 * reg_max].reshape(b, -1, 4, reg_max)
-    pred_scores = flat[..., 4 * reg_max :]
+    flat = [p.reshape(b, -1, c) for p in preds]
+    pred_dist = [f[..., : 4 * reg_max].reshape(b, -1, 4, reg_max) for f in flat]
+    pred_scores = [f[..., 4 * reg_max :] for f in flat]
     shapes = [tuple(p.shape[1:3]) for p in preds]
     anchor_points, stride = make_anchor_points(shapes, strides)
-    proj = jnp.arange(reg_max, dtype=jnp.float32)
-    ltrb = jnp.einsum("bajr,r->baj", jax.nn.softmax(pred_dist, axis=-1), proj, precision="highest")
+    ltrb = jnp.concatenate([_dfl_expectation(d) for d in pred_dist], axis=1)  # (B, A, 4) grid units
     pred_bboxes = dist2bbox(ltrb, anchor_points, xywh=False)
     imgsz = (shapes[0][0] * strides[0], shapes[0][1] * strides[0])
     return dict(
@@ -166,6 +276,7 @@ def decode_predictions(preds, *, strides=(8, 16, 32), reg_max=16):
         anchor_points=anchor_points,
         stride=stride,
         imgsz=imgsz,
+        sizes=[f.shape[1] for f in flat],
     )
 
 
@@ -178,6 +289,43 @@ def gt_pixels(targets: Targets, imgsz):
     boxes = xywh2xyxy(targets.boxes * scale)
     mask = targets.mask & (jnp.sum(boxes, axis=-1) > 0)
     return boxes, mask
+
+
+def _split(x, sizes, axis=1):
+    out, start = [], 0
+    for n in sizes:
+        out.append(jax.lax.slice_in_dim(x, start, start + n, axis=axis))
+        start += n
+    return out
+
+
+def assign_for_loss(d, targets: Targets, *, strides, config: TalLossConfig):
+    """Run the assigner inside the loss (no gradient): returns :func:`assign_core`'s dict.
+
+    The class probabilities enter only at each GT's class: the ``(B, M, A)``
+    logits are gathered per level and the sigmoid applied to those, which is
+    elementwise-identical to upstream's ``sigmoid`` of the whole ``(B, A, nc)``.
+    """
+    nc = d["pred_scores"][0].shape[-1]
+    gt_bboxes, gt_mask = gt_pixels(targets, d["imgsz"])
+    labels = jnp.clip(targets.classes, 0, nc - 1)
+    logits_at_gt = jnp.concatenate(
+        [class_scores_at_gts(jax.lax.stop_gradient(s), labels) for s in d["pred_scores"]], axis=2
+    )
+    return assign_core(
+        jax.nn.sigmoid(logits_at_gt),
+        jax.lax.stop_gradient(d["pred_bboxes"]) * d["stride"],
+        d["anchor_points"] * d["stride"],
+        labels,
+        gt_bboxes,
+        gt_mask,
+        topk=config.topk,
+        alpha=config.alpha,
+        beta=config.beta,
+        preset=config.preset,
+        topk2=config.topk2,
+        strides=strides,
+    )
 
 
 def yolov8_loss(preds, targets: Targets, *, strides=(8, 16, 32), config: TalLossConfig = TalLossConfig(), nc=None):
@@ -213,52 +361,48 @@ def yolov8_loss(preds, targets: Targets, *, strides=(8, 16, 32), config: TalLoss
         raise ValueError(f"config.class_weights has {len(config.class_weights)} entries, expected nc={nc}")
 
     d = decode_predictions(preds, strides=strides, reg_max=reg_max)
-    pred_dist, pred_scores, pred_bboxes = d["pred_dist"], d["pred_scores"], d["pred_bboxes"]
-    anchor_points, stride = d["anchor_points"], d["stride"]
-    gt_bboxes, gt_mask = gt_pixels(targets, d["imgsz"])
+    sizes = d["sizes"]
+    a = assign_for_loss(d, targets, strides=strides, config=config)
+    fg_mask, norm, target_labels = a["fg_mask"], a["norm"], a["target_labels"]
+    stride = d["stride"]
+    target_bboxes = a["target_bboxes"] / stride  # grid units
+    # sum of the one-hot target scores (each foreground anchor holds its norm once)
+    tss = jnp.maximum(jnp.sum(norm), 1.0)
 
-    target_labels, target_bboxes, target_scores, fg_mask, _ = task_aligned(
-        jax.nn.sigmoid(jax.lax.stop_gradient(pred_scores)),
-        jax.lax.stop_gradient(pred_bboxes) * stride,
-        anchor_points * stride,
-        targets.classes,
-        gt_bboxes,
-        gt_mask,
-        topk=config.topk,
-        alpha=config.alpha,
-        beta=config.beta,
-        preset=config.preset,
-        topk2=config.topk2,
-        strides=strides,
-    )
-    target_bboxes = target_bboxes / stride  # grid units
-    tss = jnp.maximum(jnp.sum(target_scores), 1.0)
-
-    # classification
-    cls_targets = target_scores
-    if config.label_smoothing:
-        cls_targets = cls_targets * (1.0 - config.label_smoothing) + 0.5 * config.label_smoothing
-    if config.cls_loss == "varifocal":
-        labels = jnp.where(fg_mask[..., None], jax.nn.one_hot(target_labels, nc, dtype=jnp.float32), 0.0)
-        cls_el = varifocal_loss(pred_scores, cls_targets, labels)
-    else:
-        pos_weight = None if config.cls_pw == 1.0 else jnp.float32(config.cls_pw)
-        if config.fl_gamma > 0:
-            cls_el = focal_loss(pred_scores, cls_targets, gamma=config.fl_gamma, alpha=0.25, pos_weight=pos_weight)
+    # classification, level by level (never a (B, A, nc) concatenation)
+    cw = jnp.float32(1.0) if config.class_weights is None else jnp.asarray(config.class_weights, jnp.float32)
+    fused_bce = config.cls_loss == "bce" and config.cls_pw == 1.0 and config.fl_gamma <= 0
+    cls_sum = jnp.float32(0.0)
+    for logits, lab, sc, fg in zip(d["pred_scores"], _split(target_labels, sizes), _split(norm, sizes),
+                                   _split(fg_mask, sizes)):
+        if fused_bce:
+            cls_sum = cls_sum + _bce_onehot_sum(logits, lab, sc, cw, float(config.label_smoothing))
+            continue
+        t = _onehot_targets(lab, sc, nc, float(config.label_smoothing))
+        if config.cls_loss == "varifocal":
+            onehot = _onehot_targets(lab, fg.astype(jnp.float32), nc, 0.0)
+            el = varifocal_loss(logits, t, onehot)
         else:
-            cls_el = bce_with_logits(pred_scores, cls_targets, pos_weight=pos_weight)
-    if config.class_weights is not None:
-        cls_el = cls_el * jnp.asarray(config.class_weights, jnp.float32)
-    loss_cls = jnp.sum(cls_el) / tss
+            pos_weight = None if config.cls_pw == 1.0 else jnp.float32(config.cls_pw)
+            if config.fl_gamma > 0:
+                el = focal_loss(logits, t, gamma=config.fl_gamma, alpha=0.25, pos_weight=pos_weight)
+            else:
+                el = bce_with_logits(logits, t, pos_weight=pos_weight)
+        cls_sum = cls_sum + jnp.sum(el * cw)
+    loss_cls = cls_sum / tss
 
-    # box + DFL on the foreground
-    weight = jnp.sum(target_scores, axis=-1)  # (B, A)
+    # box (CIoU, grid units) on the foreground, weight = sum of target scores
+    weight = jnp.where(fg_mask, norm, 0.0)
     convention = "ultralytics" if config.preset == "ultralytics" else "yolov5"
-    iou = bbox_iou(pred_bboxes, target_bboxes, kind="ciou", convention=convention)
+    iou = bbox_iou(d["pred_bboxes"], target_bboxes, kind="ciou", convention=convention)
     loss_box = jnp.sum(jnp.where(fg_mask, (1.0 - iou) * weight, 0.0)) / tss
-    target_ltrb = bbox2dist(anchor_points, target_bboxes, reg_max - 1)
-    dfl = jnp.mean(dfl_loss(pred_dist, target_ltrb), axis=-1)  # (B, A)
-    loss_dfl = jnp.sum(jnp.where(fg_mask, dfl * weight, 0.0)) / tss
+
+    # DFL: targets in grid units (bins), clamped to reg_max - 1 - 0.01
+    target_ltrb = bbox2dist(d["anchor_points"], target_bboxes, reg_max - 1)
+    dfl_sum = jnp.float32(0.0)
+    for dist, tl, w in zip(d["pred_dist"], _split(target_ltrb, sizes), _split(weight, sizes)):
+        dfl_sum = dfl_sum + jnp.sum(jnp.mean(_dfl_per_side(dist, tl), axis=-1) * w)
+    loss_dfl = dfl_sum / tss
 
     box, cls, dfl = loss_box * config.box, loss_cls * config.cls, loss_dfl * config.dfl
     total = (box + cls + dfl) * b
