@@ -18,8 +18,8 @@ padded targets, so the function is jittable and vmappable:
    ``sum_c BCE(sqrt(sigmoid(cls) * sigmoid(obj)), onehot) + 3 * -log(IoU + 1e-8)
    + penalty * ~geometry``, with ``F.binary_cross_entropy``'s ``log`` clamp
    at ``-100`` and YOLOX's own eps-free IoU (``bboxes_iou(..., xyxy=False)``).
-   The class term is computed as "all classes negative" plus a per-class
-   correction gathered at the GT class, so no ``(M, A, nc)`` tensor exists.
+   The class term is computed as "all classes negative" plus a correction
+   at the GT's class, so no ``(M, A, nc)`` tensor exists.
 3. **Dynamic k** (``dynamic_k_matching``): ``k_m = max(1, trunc(sum of the
    top-min(10, #candidates) candidate IoUs))``.  Non-candidates enter the top
    10 as IoU 0, which adds exactly nothing to the sum.
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxyolo import _checks
-from jaxyolo.boxes import yolox_bboxes_iou
+from jaxyolo._math import safe_div
 
 __all__ = ["SimOTAAssignment", "simota", "SIMOTA_VARIANTS"]
 
@@ -78,6 +78,32 @@ class SimOTAAssignment(NamedTuple):
     matched_iou: jax.Array
     num_fg: jax.Array
     num_conflicts: jax.Array
+
+
+def _first_argmin(x, axis):
+    """``argmin`` (first index among equal minima) as two plain reductions;
+    XLA:CPU's variadic-reduce argmin over a non-minor axis is several times slower."""
+    lowest = jnp.min(x, axis=axis, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    return jnp.min(jnp.where(x == lowest, iota, x.shape[axis]), axis=axis)
+
+
+def _pairwise_iou(gt_boxes, pred_boxes):
+    """``(M, A)`` YOLOX ``bboxes_iou(gt, pred, xyxy=False)``, axis by axis.
+
+    The same float32 operations as :func:`jaxyolo.boxes.yolox_bboxes_iou`
+    (hence identical values), without the size-2 minor axis that XLA:CPU
+    reduces slowly.  Padded all-zero GT rows give 0 (not 0/0).
+    """
+    g, q = gt_boxes[:, None, :], pred_boxes[None, :, :]
+    tl_x = jnp.maximum(g[..., 0] - g[..., 2] / 2, q[..., 0] - q[..., 2] / 2)
+    tl_y = jnp.maximum(g[..., 1] - g[..., 3] / 2, q[..., 1] - q[..., 3] / 2)
+    br_x = jnp.minimum(g[..., 0] + g[..., 2] / 2, q[..., 0] + q[..., 2] / 2)
+    br_y = jnp.minimum(g[..., 1] + g[..., 3] / 2, q[..., 1] + q[..., 3] / 2)
+    en = ((tl_x < br_x) & (tl_y < br_y)).astype(jnp.float32)
+    inter = (br_x - tl_x) * (br_y - tl_y) * en
+    union = g[..., 2] * g[..., 3] + q[..., 2] * q[..., 3] - inter
+    return safe_div(inter, union)
 
 
 def _bce_log(x):
@@ -208,14 +234,13 @@ def simota(
         geometry = in_centre
 
     # 2. cost (M, A)
-    iou = yolox_bboxes_iou(gt_boxes, pred_boxes, xyxy=False)  # (M, A)
+    iou = _pairwise_iou(gt_boxes, pred_boxes)  # (M, A)
     iou_cost = -jnp.log(iou + 1e-8)
     p = jnp.sqrt(jax.nn.sigmoid(cls_logits) * jax.nn.sigmoid(obj_logits)[:, None])  # (A, nc)
-    neg_term = -_bce_log(1.0 - p)  # BCE against target 0
-    pos_term = -_bce_log(p)  # BCE against target 1
-    cls_cost_all_neg = jnp.sum(neg_term, axis=-1)  # (A,)
-    correction = jnp.take(pos_term - neg_term, jnp.clip(gt_classes, 0, nc - 1), axis=1)  # (A, M)
-    cls_cost = cls_cost_all_neg[None, :] + correction.T
+    cls_cost_all_neg = jnp.sum(-_bce_log(1.0 - p), axis=-1)  # (A,): BCE against all-zero targets
+    p_gt = jnp.take(p, jnp.clip(gt_classes, 0, nc - 1), axis=1).T  # (M, A): p at each GT's class
+    correction = -_bce_log(p_gt) - -_bce_log(1.0 - p_gt)  # swap that class's term to target 1
+    cls_cost = cls_cost_all_neg[None, :] + correction
     cost = (cls_cost + cost_iou_weight * iou_cost) + geometry_penalty * (~geometry).astype(jnp.float32)
     valid = gt_mask[:, None] & candidate[None, :]
     cost_c = jnp.where(valid, cost, jnp.inf)
@@ -238,8 +263,8 @@ def simota(
         conflict_cost = jnp.where(matching, cost_c, jnp.inf)
     else:
         conflict_cost = jnp.where(gt_mask[:, None], cost, jnp.inf)
-    argmin_gt = jnp.argmin(conflict_cost, axis=0).astype(jnp.int32)
-    only_gt = jnp.argmax(matching, axis=0).astype(jnp.int32)
+    argmin_gt = _first_argmin(conflict_cost, axis=0)
+    only_gt = _first_argmin(~matching, axis=0)  # the selecting GT where count == 1
     matched_gt = jnp.where(count > 1, argmin_gt, only_gt)
     matched_iou = jnp.take_along_axis(iou, matched_gt[None, :], axis=0)[0]
     return SimOTAAssignment(

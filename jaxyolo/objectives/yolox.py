@@ -214,9 +214,22 @@ def yolox_loss(preds, targets: Targets, *, strides: Sequence[int] = (8, 16, 32),
     iou_term = yolox_iou_loss(boxes, jax.lax.stop_gradient(matched_boxes))  # (B, A)
     loss_iou = jnp.sum(jnp.where(fg, iou_term, 0.0)) / denom
     loss_obj = jnp.sum(bce_with_logits(obj, fg.astype(jnp.float32))) / denom
-    onehot = jax.nn.one_hot(matched_cls, nc, dtype=jnp.float32)
-    cls_target = jax.lax.stop_gradient(onehot * assignment.matched_iou[..., None])
-    loss_cls = jnp.sum(jnp.where(fg[..., None], bce_with_logits(cls, cls_target), 0.0)) / denom
+    # The class loss touches positives only: gather them into a static (B, P, nc)
+    # slab, P = min(A, M * candidate_topk) >= any possible num_fg of an image
+    # (each GT takes at most candidate_topk anchors), instead of (B, A, nc).
+    num_anchors = raw.shape[1]
+    slots = min(num_anchors, targets.max_boxes * config.candidate_topk)
+    if slots > 0:
+        first_fg = jnp.where(fg, num_anchors - jnp.arange(num_anchors, dtype=jnp.int32)[None, :], 0)
+        score, pos = jax.lax.top_k(first_fg, slots)  # positives first, in anchor order
+        pos_valid = score > 0
+        cls_pos = jnp.take_along_axis(cls, pos[..., None], axis=1)  # (B, P, nc)
+        onehot = jax.nn.one_hot(jnp.take_along_axis(matched_cls, pos, axis=1), nc, dtype=jnp.float32)
+        iou_pos = jnp.take_along_axis(assignment.matched_iou, pos, axis=1)
+        cls_target = jax.lax.stop_gradient(onehot * iou_pos[..., None])
+        loss_cls = jnp.sum(jnp.where(pos_valid[..., None], bce_with_logits(cls_pos, cls_target), 0.0)) / denom
+    else:
+        loss_cls = jnp.zeros((), jnp.float32)
     if config.use_l1:
         s = stride[None, :, None]
         l1_target = jnp.concatenate(
