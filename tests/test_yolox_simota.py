@@ -76,7 +76,7 @@ def test_strict_conflicts_resolves_among_selecting_gts_only(oracles):
     np.testing.assert_array_equal(np.asarray(strict.fg_mask), ref["fg_mask"])  # same positives
 
 
-def test_strict_conflicts_in_the_loss_changes_targets_only_where_upstream_reassigns():
+def test_strict_conflicts_in_the_loss_keeps_positives():
     rng = np.random.default_rng(11)
     from _yolox_cases import clustered_targets
 
@@ -90,8 +90,11 @@ def test_strict_conflicts_in_the_loss_changes_targets_only_where_upstream_reassi
     _, _, st = run(preds, targets, cfg)
     assert int(np.asarray(up.num_conflicts).sum()) > 0
     np.testing.assert_array_equal(np.asarray(up.fg_mask), np.asarray(st.fg_mask))
-    differ = np.asarray(up.matched_gt) != np.asarray(st.matched_gt)
-    assert differ.sum() <= int(np.asarray(up.num_conflicts).sum())
+    # Strict mode can only change the winner of a conflict anchor; in ordinary
+    # batches upstream's all-GT argmin winner is (here: always) one of the GTs
+    # that selected it, so nothing changes -- the constructed case above is
+    # where the two rules part.
+    np.testing.assert_array_equal(np.asarray(up.matched_gt), np.asarray(st.matched_gt))
 
 
 def _nested_box(frac_log2):

@@ -148,7 +148,15 @@ def yolox_decode(preds, *, strides=(8, 16, 32)):
     return raw, jnp.concatenate([xy, wh], axis=-1), grid, stride
 
 
-def yolox_loss(preds, targets: Targets, *, strides: Sequence[int] = (8, 16, 32), config: YoloxLossConfig = YoloxLossConfig(), image_size=None, return_assignment: bool = False):
+def yolox_loss(
+    preds,
+    targets: Targets,
+    *,
+    strides: Sequence[int] = (8, 16, 32),
+    config: YoloxLossConfig = YoloxLossConfig(),
+    image_size=None,
+    return_assignment: bool = False,
+):
     """YOLOX loss with SimOTA assignment, as ``YOLOXHead.get_losses`` (yolox 0.3.0).
 
     Args:
