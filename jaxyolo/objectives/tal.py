@@ -138,20 +138,31 @@ def _bce_terms(logits, targets):
     return value, grad
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _bce_onehot_sum(logits, labels, scores, weights, smoothing):
-    """``sum(weights[c] * BCE(logits, one_hot(labels) * scores))`` over ``(B, A, nc)``."""
-    t = _onehot_targets(labels, scores, logits.shape[-1], smoothing)
-    return jnp.sum(weights * _bce_terms(logits, t)[0])
+@jax.custom_vjp
+def _bce_onehot_sum(logits, labels, scores, weights):
+    """``sum(w[c] * BCE(logits, one_hot(labels) * scores))`` over ``(B, A, nc)``.
+
+    With one-hot targets ``(1 - t) x + softplus(-x) = softplus(x) - t x``, so the
+    sum is ``sum(w softplus(x)) - sum(s w[label] x[label])``: the dense part has
+    no targets at all (the per-element value of every zero-target entry is
+    bit-identical to torch's formula) and the target part is a ``(B, A)``
+    gather.  Gradient ``w (sigmoid(x) - t)``, recomputed in the backward.
+    """
+    nc = logits.shape[-1]
+    weights = jnp.broadcast_to(weights, (nc,))
+    e = jnp.exp(-jnp.abs(logits))
+    dense = jnp.sum(weights * (jnp.maximum(logits, 0.0) + jnp.log1p(e)))
+    at_label = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return dense - jnp.sum(scores * weights[labels] * at_label)
 
 
-def _bce_onehot_fwd(logits, labels, scores, weights, smoothing):
-    return _bce_onehot_sum(logits, labels, scores, weights, smoothing), (logits, labels, scores, weights)
+def _bce_onehot_fwd(logits, labels, scores, weights):
+    return _bce_onehot_sum(logits, labels, scores, weights), (logits, labels, scores, weights)
 
 
-def _bce_onehot_bwd(smoothing, res, ct):
+def _bce_onehot_bwd(res, ct):
     logits, labels, scores, weights = res
-    t = _onehot_targets(labels, scores, logits.shape[-1], smoothing)
+    t = _onehot_targets(labels, scores, logits.shape[-1], 0.0)
     grad = ct * weights * _bce_terms(logits, t)[1]
     return grad, np.zeros(labels.shape, jax.dtypes.float0), jnp.zeros_like(scores), jnp.zeros_like(weights)
 
@@ -371,12 +382,14 @@ def yolov8_loss(preds, targets: Targets, *, strides=(8, 16, 32), config: TalLoss
 
     # classification, level by level (never a (B, A, nc) concatenation)
     cw = jnp.float32(1.0) if config.class_weights is None else jnp.asarray(config.class_weights, jnp.float32)
-    fused_bce = config.cls_loss == "bce" and config.cls_pw == 1.0 and config.fl_gamma <= 0
+    fused_bce = (
+        config.cls_loss == "bce" and config.cls_pw == 1.0 and config.fl_gamma <= 0 and not config.label_smoothing
+    )
     cls_sum = jnp.float32(0.0)
     for logits, lab, sc, fg in zip(d["pred_scores"], _split(target_labels, sizes), _split(norm, sizes),
                                    _split(fg_mask, sizes)):
         if fused_bce:
-            cls_sum = cls_sum + _bce_onehot_sum(logits, lab, sc, cw, float(config.label_smoothing))
+            cls_sum = cls_sum + _bce_onehot_sum(logits, lab, sc, cw)
             continue
         t = _onehot_targets(lab, sc, nc, float(config.label_smoothing))
         if config.cls_loss == "varifocal":

@@ -22,6 +22,7 @@ from jaxyolo.testing.oracles._torch import (
     yolox_modules,
 )
 from jaxyolo.testing.oracles.ultralytics import make_v8_criterion, v8_detection_loss  # noqa: E402
+from jaxyolo.testing.oracles.yolov9 import Yolov9Assigner, yolov9_loss  # noqa: E402
 from jaxyolo.testing.oracles.yolox import yolox_get_assignments, yolox_get_losses  # noqa: E402
 
 __all__ = [
@@ -35,7 +36,9 @@ __all__ = [
     "ultralytics_modules",
     "v8_detection_loss",
     "versions",
+    "Yolov9Assigner",
     "yolov5_modules",
+    "yolov9_loss",
     "yolox_get_assignments",
     "yolox_get_losses",
     "yolox_modules",
