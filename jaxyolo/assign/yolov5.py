@@ -48,7 +48,13 @@ import numpy as np
 from jaxyolo import _checks
 from jaxyolo.targets import Targets
 
-__all__ = ["Yolov5LevelTargets", "yolov5_build_targets", "YOLOV5_OFFSETS", "yolov5_anchors_and_strides"]
+__all__ = [
+    "Yolov5LevelTargets",
+    "yolov5_build_targets",
+    "build_targets_stacked",
+    "YOLOV5_OFFSETS",
+    "yolov5_anchors_and_strides",
+]
 
 #: Upstream's neighbour offsets (``off * g`` with ``g = 0.5``), subtracted from
 #: the grid centre before truncation: own cell, left, up, right, down.
@@ -84,10 +90,11 @@ class Yolov5LevelTargets:
     classes: jax.Array
 
     def flat(self) -> Yolov5LevelTargets:
-        """The same targets with the candidate axes flattened to ``(K,)``,
-        ``K = 5 * na * B * M``; position = upstream order id."""
+        """The same targets with the candidate axes ``(5, na, B, M)`` flattened to
+        ``(K,)``, ``K = 5 * na * B * M`` (any leading axes, e.g. levels, are kept);
+        position = upstream order id."""
         lead = self.mask.ndim
-        return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[lead:]), self)
+        return jax.tree_util.tree_map(lambda x: x.reshape(x.shape[: lead - 4] + (-1,) + x.shape[lead:]), self)
 
     def rows(self) -> np.ndarray:
         """Host-side: the positives as upstream's rows, in upstream's order.
@@ -165,53 +172,59 @@ def yolov5_build_targets(
     """
     targets = targets.checked(name="targets")
     anchors_grid, strides = yolov5_anchors_and_strides(anchors, strides)
-    if len(feature_shapes) != len(strides):
-        raise ValueError(f"feature_shapes has {len(feature_shapes)} levels but strides has {len(strides)}")
-    return [
-        _level(targets, anchors_grid[i], tuple(int(s) for s in feature_shapes[i]), float(anchor_t))
-        for i in range(len(strides))
-    ]
+    stacked = build_targets_stacked(targets, anchors_grid, feature_shapes, anchor_t=anchor_t)
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(len(strides))]
 
 
-def _level(targets: Targets, anchor_wh, shape, anchor_t) -> Yolov5LevelTargets:
-    """One level; ``anchor_wh`` ``(na, 2)`` grid units, ``shape`` ``(H, W)``."""
-    h, w = shape
-    na = anchor_wh.shape[0]
+def build_targets_stacked(targets: Targets, anchors_grid, feature_shapes, *, anchor_t=4.0) -> Yolov5LevelTargets:
+    """All levels at once: every field gets a leading level axis, ``(L, 5, na, B, M, ...)``.
+
+    ``anchors_grid``: ``(L, na, 2)`` anchors in grid units; ``feature_shapes``:
+    ``L`` static ``(H, W)``.  Computing the levels as one batch keeps the
+    compiled program (and its compile time) small; the arithmetic per element is
+    the same as upstream's per-level loop.
+    """
+    shapes = [tuple(int(v) for v in s) for s in feature_shapes]
+    if len(shapes) != anchors_grid.shape[0]:
+        raise ValueError(f"feature_shapes has {len(shapes)} levels but anchors have {anchors_grid.shape[0]}")
+    if any(len(s) != 2 or min(s) <= 0 for s in shapes):
+        raise ValueError(f"feature_shapes must be positive (H, W) pairs, got {shapes}")
+    nl, na = anchors_grid.shape[:2]
     bsz, m = targets.mask.shape
-    gain = jnp.asarray([w, h], jnp.float32)
-    gxy = targets.boxes[..., :2] * gain  # (B, M, 2) grid units
-    gwh = targets.boxes[..., 2:] * gain
+    gain = jnp.asarray([[w, h] for h, w in shapes], jnp.float32)[:, None, None, :]  # (L, 1, 1, 2)
+    gxy = targets.boxes[None, ..., :2] * gain  # (L, B, M, 2) grid units
+    gwh = targets.boxes[None, ..., 2:] * gain
 
-    # Anchor match: (na, B, M).
-    r = gwh[None] / anchor_wh[:, None, None, :]
+    # Anchor match: (L, na, B, M).
+    r = gwh[:, None] / anchors_grid[:, :, None, None, :]
     worst = jnp.max(jnp.maximum(r, 1.0 / r), axis=-1)
-    matched = (worst < anchor_t) & targets.mask[None]
+    matched = (worst < anchor_t) & targets.mask[None, None]
 
-    # Neighbour rules: (5, B, M) -- own, left, up, right, down.
+    # Neighbour rules: (L, 5, B, M) -- own, left, up, right, down.
     gxi = gain - gxy
     near = (jnp.remainder(gxy, 1.0) < 0.5) & (gxy > 1.0)
     far = (jnp.remainder(gxi, 1.0) < 0.5) & (gxi > 1.0)
-    use = jnp.stack([jnp.ones_like(near[..., 0]), near[..., 0], near[..., 1], far[..., 0], far[..., 1]])
-    mask = use[:, None] & matched[None]  # (5, na, B, M)
+    use = jnp.stack([jnp.ones_like(near[..., 0]), near[..., 0], near[..., 1], far[..., 0], far[..., 1]], axis=1)
+    mask = use[:, :, None] & matched[:, None]  # (L, 5, na, B, M)
 
-    off = jnp.asarray(YOLOV5_OFFSETS, jnp.float32)[:, None, None, :]  # (5, 1, 1, 2)
-    gij = jnp.trunc(gxy[None] - off).astype(jnp.int32)  # (5, B, M, 2), .long() truncates
-    gi = jnp.clip(gij[..., 0], 0, w - 1)
-    gj = jnp.clip(gij[..., 1], 0, h - 1)
+    off = jnp.asarray(YOLOV5_OFFSETS, jnp.float32)[None, :, None, None, :]  # (1, 5, 1, 1, 2)
+    gij = jnp.trunc(gxy[:, None] - off).astype(jnp.int32)  # (L, 5, B, M, 2); .long() truncates
+    hi = jnp.asarray([[w - 1, h - 1] for h, w in shapes], jnp.int32)[:, None, None, None, :]
+    gij = jnp.clip(gij, 0, hi)
     # Upstream's in-place clamp_ also changes gij, hence tbox uses the clamped cell.
-    txy = gxy[None] - jnp.stack([gi, gj], axis=-1).astype(jnp.float32)  # (5, B, M, 2)
-    tbox = jnp.concatenate([txy, jnp.broadcast_to(gwh[None], txy.shape)], axis=-1)
+    txy = gxy[:, None] - gij.astype(jnp.float32)  # (L, 5, B, M, 2)
+    tbox = jnp.concatenate([txy, jnp.broadcast_to(gwh[:, None], txy.shape)], axis=-1)
 
-    full = (5, na, bsz, m)
-    image = jnp.broadcast_to(jnp.arange(bsz, dtype=jnp.int32)[None, None, :, None], full)
-    anchor = jnp.broadcast_to(jnp.arange(na, dtype=jnp.int32)[None, :, None, None], full)
+    full = (nl, 5, na, bsz, m)
+    image = jnp.broadcast_to(jnp.arange(bsz, dtype=jnp.int32)[:, None], full)
+    anchor = jnp.broadcast_to(jnp.arange(na, dtype=jnp.int32)[:, None, None], full)
     return Yolov5LevelTargets(
         mask=mask,
         image=image,
         anchor=anchor,
-        gj=jnp.broadcast_to(gj[:, None], full),
-        gi=jnp.broadcast_to(gi[:, None], full),
-        tbox=jnp.broadcast_to(tbox[:, None], full + (4,)),
-        anchor_wh=jnp.broadcast_to(anchor_wh[None, :, None, None, :], full + (2,)),
-        classes=jnp.broadcast_to(targets.classes[None, None], full),
+        gj=jnp.broadcast_to(gij[:, :, None, ..., 1], full),
+        gi=jnp.broadcast_to(gij[:, :, None, ..., 0], full),
+        tbox=jnp.broadcast_to(tbox[:, :, None], full + (4,)),
+        anchor_wh=jnp.broadcast_to(anchors_grid[:, None, :, None, None, :], full + (2,)),
+        classes=jnp.broadcast_to(targets.classes[None, None, None], full),
     )

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxyolo import _checks
-from jaxyolo.assign.yolov5 import yolov5_anchors_and_strides, yolov5_build_targets
+from jaxyolo.assign.yolov5 import build_targets_stacked, yolov5_anchors_and_strides
 from jaxyolo.boxes import bbox_iou
 from jaxyolo.losses import bce_with_logits, focal_loss, masked_mean, smooth_bce
 from jaxyolo.targets import Targets
@@ -261,24 +261,17 @@ def yolov5_loss(preds, targets: Targets, *, anchors, strides, config: Yolov5Loss
             raise ValueError(f"autobalance normalises by the stride-16 level, but strides are {strides}")
         ssi = strides.index(16.0)
 
-    level_targets = yolov5_build_targets(
-        targets,
-        anchors=anchors,
-        strides=strides,
-        feature_shapes=[p.shape[1:3] for p in preds],
-        anchor_t=config.anchor_t,
-    )
-    cp, cn = smooth_bce(config.label_smoothing)
+    lt = build_targets_stacked(targets, anchors_grid, [p.shape[1:3] for p in preds], anchor_t=config.anchor_t).flat()
+    lbox_l, obj_l, lcls_l = _losses(preds, lt, config, nc)  # (L,) each
     lbox = lobj = lcls = jnp.zeros((), jnp.float32)
     new_balance = []
-    for i, (p, lt) in enumerate(zip(preds, level_targets)):
-        box_i, obj_i, cls_i = _level_loss(p, lt.flat(), config, nc, cp, cn)
-        lbox = lbox + box_i
-        lobj = lobj + obj_i * balance[i]
+    for i in range(nl):  # upstream's accumulation order
+        lbox = lbox + lbox_l[i]
+        lobj = lobj + obj_l[i] * balance[i]
         if nc > 1:
-            lcls = lcls + cls_i
+            lcls = lcls + lcls_l[i]
         if config.autobalance:
-            new_balance.append(balance[i] * 0.9999 + 0.0001 / jax.lax.stop_gradient(obj_i))
+            new_balance.append(balance[i] * 0.9999 + 0.0001 / jax.lax.stop_gradient(obj_l[i]))
     if config.autobalance:
         new_balance = jnp.stack(new_balance)
         new_balance = new_balance / new_balance[ssi]
@@ -321,47 +314,63 @@ def _gather_cells_bwd(res, grads):
 _gather_cells.defvjp(_gather_cells_fwd, _gather_cells_bwd)
 
 
-def _level_loss(p, lt, config: Yolov5LossConfig, nc: int, cp: float, cn: float):
-    """Box, objectness and class terms of one level (before gains/balance).
+def _losses(preds, lt, config: Yolov5LossConfig, nc: int):
+    """Per-level box, objectness and class terms (before gains and balance).
 
-    ``p``: ``(B, H, W, na, 5 + nc)`` float32 logits; ``lt``: flat
-    :class:`~jaxyolo.assign.yolov5.Yolov5LevelTargets` with ``K`` candidates.
+    ``preds``: ``L`` arrays ``(B, H, W, na, 5 + nc)`` float32 logits; ``lt``:
+    level-stacked, flat :class:`~jaxyolo.assign.yolov5.Yolov5LevelTargets`
+    (``(L, K)`` candidates).  Candidates of all levels are processed as one
+    ``(L, K)`` batch; only the gathers and the objectness scatter are per level.
+    Returns three ``(L,)`` arrays.
     """
-    bsz, h, w, na, c = p.shape
-    ncell = bsz * h * w * na
-    mask = lt.mask
-    cell = ((lt.image * h + lt.gj) * w + lt.gi) * na + lt.anchor  # (K,) flat (b, gj, gi, a)
-    cell = jnp.where(mask, cell, 0)
-    ps, obj_logits = _gather_cells(p.reshape(ncell, c), cell)  # (K, 5 + nc) subset, (ncell,) objectness
+    mask = lt.mask  # (L, K)
+    k = mask.shape[1]
+    rows, obj_logits, cells, sizes = [], [], [], []
+    base = 0
+    for i, p in enumerate(preds):
+        bsz, h, w, na, c = p.shape
+        ncell = bsz * h * w * na
+        cell = ((lt.image[i] * h + lt.gj[i]) * w + lt.gi[i]) * na + lt.anchor[i]  # (K,) flat (b, gj, gi, a)
+        cell = jnp.where(mask[i], cell, 0)
+        ps, obj = _gather_cells(p.reshape(ncell, c), cell)
+        rows.append(ps)
+        obj_logits.append(obj)
+        cells.append(cell + base)  # index into the concatenation of all levels' cells
+        sizes.append(ncell)
+        base += ncell
+    ps = jnp.stack(rows)  # (L, K, 5 + nc) prediction subsets
+    cell = jnp.stack(cells)  # (L, K)
 
     # Box regression (grid units).  Unused slots get a benign unit box.
-    pxy = jax.nn.sigmoid(ps[:, :2]) * 2 - 0.5
-    pwh = (jax.nn.sigmoid(ps[:, 2:4]) * 2) ** 2 * lt.anchor_wh
-    tbox = jnp.where(mask[:, None], lt.tbox, jnp.asarray([0.5, 0.5, 1.0, 1.0], jnp.float32))
+    pxy = jax.nn.sigmoid(ps[..., :2]) * 2 - 0.5
+    pwh = (jax.nn.sigmoid(ps[..., 2:4]) * 2) ** 2 * lt.anchor_wh
+    tbox = jnp.where(mask[..., None], lt.tbox, jnp.asarray([0.5, 0.5, 1.0, 1.0], jnp.float32))
     iou = bbox_iou(jnp.concatenate([pxy, pwh], axis=-1), tbox, xywh=True, kind="ciou", convention="yolov5")
-    lbox = masked_mean(1.0 - iou, mask)
+    lbox = masked_mean(1.0 - iou, mask, axis=1)
 
     # Objectness target: one writer per cell (see the module docstring).
     score = jnp.maximum(jax.lax.stop_gradient(iou), 0.0)
     if config.gr < 1:
         score = (1.0 - config.gr) + config.gr * score
-    dropped = jnp.where(mask, cell, ncell)  # out of range -> dropped by the scatter
+    dropped = jnp.where(mask, cell, base).reshape(-1)  # out of range -> dropped by the scatter
     if config.sort_obj_iou:
-        tobj = jnp.zeros((ncell,), jnp.float32).at[dropped].max(score, mode="drop")
+        tobj = jnp.zeros((base,), jnp.float32).at[dropped].max(score.reshape(-1), mode="drop")
     else:
-        order = jnp.arange(cell.shape[0], dtype=jnp.int32)
-        last = jnp.full((ncell,), -1, jnp.int32).at[dropped].max(order, mode="drop")
-        winner = mask & (last[cell] == order)
-        tobj = jnp.zeros((ncell,), jnp.float32).at[jnp.where(winner, cell, ncell)].add(
-            jnp.where(winner, score, 0.0), mode="drop"
+        order = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), mask.shape).reshape(-1)
+        last = jnp.full((base,), -1, jnp.int32).at[dropped].max(order, mode="drop")
+        winner = mask.reshape(-1) & (last[cell.reshape(-1)] == order)
+        tobj = jnp.zeros((base,), jnp.float32).at[jnp.where(winner, dropped, base)].add(
+            jnp.where(winner, score.reshape(-1), 0.0), mode="drop"
         )
-    lobj = jnp.mean(_bce(config, obj_logits, tobj, config.obj_pw))
+    obj_all = _bce(config, jnp.concatenate(obj_logits), tobj, config.obj_pw)
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    lobj = jnp.stack([jnp.mean(obj_all[bounds[i] : bounds[i + 1]]) for i in range(len(sizes))])
 
     # Classification.
     if nc > 1:
         onehot = jax.nn.one_hot(lt.classes, nc, dtype=jnp.bool_)
-        t = jnp.where(onehot, cp, cn).astype(jnp.float32)
-        lcls = masked_mean(_bce(config, ps[:, 5:], t, config.cls_pw), mask[:, None])
+        t = jnp.where(onehot, *smooth_bce(config.label_smoothing)).astype(jnp.float32)
+        lcls = masked_mean(_bce(config, ps[..., 5:], t, config.cls_pw), mask[..., None], axis=(1, 2))
     else:
-        lcls = jnp.zeros((), jnp.float32)
+        lcls = jnp.zeros((len(preds),), jnp.float32)
     return lbox, lobj, lcls
