@@ -163,6 +163,18 @@ def test_main_variant_geometry():
     centre = (GRID_NP[pos] + 0.5) * 8
     assert np.all(np.abs(centre - gt[0, :2]) < 12)
 
+    # through the loss: finite, and a different (smaller) positive set
+    rng = np.random.default_rng(20)
+    preds = make_preds(rng, 2, (64, 64), 2)
+    targets = make_targets(rng, [5, 3], 2, max_boxes=6)
+    run = jax.jit(
+        lambda p, t, c: jaxyolo.yolox_loss(p, t, strides=STRIDES, config=c, return_assignment=True), static_argnums=2
+    )
+    total_old, _, a_old = run(preds, targets, jaxyolo.YoloxLossConfig())
+    total_new, _, a_new = run(preds, targets, main)
+    assert np.isfinite(float(total_new)) and float(total_new) != float(total_old)
+    assert not np.array_equal(np.asarray(a_old.fg_mask), np.asarray(a_new.fg_mask))
+
 
 # ---------------------------------------------------------------- the loss's contract
 @jax.jit
