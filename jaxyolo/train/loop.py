@@ -80,6 +80,9 @@ def main_loss_names(loss: str):
     return {"yolov8": ("box", "cls", "dfl"), "yolov5": ("box", "obj", "cls"), "yolox": ("iou", "obj", "cls")}[loss]
 
 
+_COMPILED: dict = {}
+
+
 def _to_float_images(images):
     return images.astype(jnp.float32) / 255.0
 
@@ -100,18 +103,28 @@ class Session:
         self.strides = model.strides
         self.reg_max = getattr(model.head, "reg_max", 16)
         self.anchors = model.head.anchor_array if config.loss == "yolov5" else None
-        model.eval()
-        self.graph_eval = nnx.graphdef(model)
+        key = (dataclasses.replace(config, max_steps=None, eval_every=1, data="", train_size=1, val_size=1), nc, steps_per_epoch)
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            model.eval()
+            graph_eval = nnx.graphdef(model)
+            model.train()
+            graph_train = nnx.graphdef(model)
+            compiled = _COMPILED[key] = (graph_train, graph_eval, None, None)
+        self.graph_train, self.graph_eval = compiled[0], compiled[1]
         model.train()
-        self.graph_train, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         self.decode = model.decode  # uses only static attributes
         self.tx, self.schedule = make_optimizer(config, self.total_steps, steps_per_epoch)
         self.ema_tau = ema_tau_for(config, self.total_steps)
         self.state = {"params": params, "stats": stats, "opt_state": jax.jit(self.tx.init)(params), "step": jnp.zeros((), jnp.int32)}
         self.ema = jax.jit(lambda t: jax.tree.map(jnp.copy, t))({"params": params, "stats": stats})  # own buffers (donated)
         self.objective = make_objective(config, strides=self.strides, nc=nc, reg_max=self.reg_max, anchors=self.anchors)
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1))
-        self.predict = jax.jit(self._predict)
+        if compiled[2] is None:
+            # jit once per (config, nc, steps per epoch) in a process: a second
+            # Session of the same run (resume, eval) reuses the executables.
+            compiled = _COMPILED[key] = (compiled[0], compiled[1], jax.jit(self._train_step, donate_argnums=(0, 1)), jax.jit(self._predict))
+        self.train_step, self.predict = compiled[2], compiled[3]
 
     def _train_step(self, state, ema, images, targets):
         def loss_fn(params, stats):
