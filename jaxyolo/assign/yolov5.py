@@ -170,7 +170,7 @@ def yolov5_build_targets(
       One :class:`Yolov5LevelTargets` per level, each with leading shape
       ``(5, na, B, M)`` -- shapes depend only on ``(B, M, na, L)``.
     """
-    targets = targets.checked(name="targets")
+    targets = Targets.checked(targets, name="targets")
     anchors_grid, strides = yolov5_anchors_and_strides(anchors, strides)
     stacked = build_targets_stacked(targets, anchors_grid, feature_shapes, anchor_t=anchor_t)
     return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(len(strides))]

@@ -243,7 +243,7 @@ def yolov5_loss(preds, targets: Targets, *, anchors, strides, config: Yolov5Loss
     if len(preds) != nl:
         raise ValueError(f"preds has {len(preds)} levels but anchors/strides describe {nl}")
     _check_grid(preds, strides)
-    targets = targets.checked(nc=nc, name="targets")
+    targets = Targets.checked(targets, nc=nc, name="targets")
     bsz = preds[0].shape[0]
     if targets.batch_size != bsz:
         raise ValueError(f"targets has batch size {targets.batch_size} but preds have {bsz}")
