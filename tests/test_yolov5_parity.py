@@ -110,7 +110,7 @@ def config_hyp(config):
 
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))) if a.size else 0.0
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-6))) if a.size else 0.0
 
 
 def sorted_rows(rows):
@@ -139,6 +139,16 @@ def assert_rows_match(targets, preds, *, anchors, strides, config, oracle_rows):
     return levels
 
 
+#: Measured errors of every check_case call: (what, max abs, max rel, max |ref|) -- for reports.
+ERRORS: list[tuple[str, float, float, float]] = []
+
+
+def _record(what, mine, ref):
+    mine, ref = np.asarray(mine, np.float64), np.asarray(ref, np.float64)
+    if mine.size:
+        ERRORS.append((what, float(np.max(np.abs(mine - ref))), rel_err(mine, ref), float(np.max(np.abs(ref)))))
+
+
 def check_case(
     preds, targets, *, anchors, strides, config=jaxyolo.Yolov5LossConfig(), oracle=None, state=None, jit=True
 ):
@@ -164,7 +174,10 @@ def check_case(
     np.testing.assert_allclose(float(total), ref["total"], **VALUE_TOL)
     mine = np.array([comps["box"], comps["obj"], comps["cls"]])
     np.testing.assert_allclose(mine, ref["components"], **VALUE_TOL)
+    _record("total", float(total), ref["total"])
+    _record("components", mine, ref["components"])
     for i, (g, r) in enumerate(zip(grads, ref["grads"])):
+        _record("grad", g, r)
         assert g.shape == r.shape
         np.testing.assert_allclose(np.asarray(g), r, **GRAD_TOL, err_msg=f"grad level {i}")
     assert_rows_match(targets, preds, anchors=anchors, strides=strides, config=config, oracle_rows=ref["rows"])
