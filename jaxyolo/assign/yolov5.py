@@ -77,7 +77,8 @@ class Yolov5LevelTargets:
       classes: ``(5, na, B, M)`` int32 class id.
 
     Values in slots where ``mask`` is False are unspecified-but-finite (the
-    loss never reads them unmasked).
+    loss never reads them unmasked).  :func:`build_targets_stacked` returns the
+    same fields with an extra leading level axis ``L``.
     """
 
     mask: jax.Array

@@ -234,6 +234,14 @@ def yolov5_loss(preds, targets: Targets, *, anchors, strides, config: Yolov5Loss
       shape ``(1,)``), ``components = {"box", "obj", "cls"}`` scalars after the
       gains (stop-gradient, upstream's detached ``(3,)`` tensor), ``new_state``
       ``{"balance": (L,)}`` (stop-gradient).
+
+    Notes:
+      * Reverse mode (``jax.grad``/``value_and_grad``, also nested) and
+        ``jax.vmap`` are supported; forward mode (``jax.jvp``/``jacfwd``) w.r.t.
+        ``preds`` is not (the cell gather has a custom VJP for speed).
+      * Anchors are used as given.  yolov5's ``train.py`` runs
+        ``model.half().float()`` which rounds the anchors to fp16 precision; the
+        yaml anchors are integers, so this only matters for AutoAnchor output.
     """
     if not isinstance(config, Yolov5LossConfig):
         raise TypeError(f"config must be a Yolov5LossConfig, got {type(config).__name__}")
