@@ -6,6 +6,8 @@ Inputs have continuous random logits (no ties on positive alignment metrics);
 the foreground is compared where the alignment is > 0.
 """
 
+import zlib
+
 import numpy as np
 import pytest
 from conftest import GRAD_TOL, VALUE_TOL
@@ -15,6 +17,12 @@ from jaxyolo import TalLossConfig
 from jaxyolo.testing.oracles.yolov9 import yolov9_loss
 
 STRIDES = (8, 16, 32)
+
+
+@pytest.fixture
+def rng(request):
+    """Deterministic per-test generator (conftest's ``hash(nodeid)`` changes with PYTHONHASHSEED)."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _case(rng, *, batch=4, hw=(128, 128), nc=3, reg_max=16, counts=None, kind="random", config=None, size=(0.04, 0.6)):
@@ -65,7 +73,12 @@ def test_cls_pw_and_focal(rng):
 
 
 def test_varifocal_way(rng):
-    _case(rng, config=TalLossConfig(preset="yolov9", cls_loss="varifocal"), counts=[5, 9, 0, 12])
+    # VFL's one-hot label marks every foreground anchor, including zero-metric top-k picks whose
+    # order is implementation-defined; large GTs hold >= topk positive candidates, so none occur.
+    ours, ref, *_ = _case(rng, config=TalLossConfig(preset="yolov9", cls_loss="varifocal"), counts=[5, 9, 0, 12],
+                          size=(0.35, 0.7))
+    ra = ref["assign"]
+    assert not (ra["mask_pos"] & (ra["align_metric"] <= 0)).any()
 
 
 def test_presets_differ_on_tiny_gts(rng):
@@ -77,4 +90,4 @@ def test_presets_differ_on_tiny_gts(rng):
     v8 = run_jax(preds, targets, config=TalLossConfig())
     v9 = run_jax(preds, targets, config=TalLossConfig(preset="yolov9"))
     assert v8["assign"]["fg_mask"].sum() > v9["assign"]["fg_mask"].sum()
-    assert abs(v8["total"] - v9["total"]) > 1e-3 * abs(v8["total"])
+    assert abs(v8["components"][0] - v9["components"][0]) > 1e-3 * v8["components"][0]  # box term
