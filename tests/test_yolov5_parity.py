@@ -403,3 +403,53 @@ def test_config_is_hashable_static():
     a = jaxyolo.Yolov5LossConfig(balance=[4.0, 1.0, 0.4])
     assert a.balance == (4.0, 1.0, 0.4)
     assert hash(a) == hash(dataclasses.replace(a))
+
+
+def test_anchor_t_is_strict():
+    """A width ratio of exactly ``anchor_t`` (either way) does not match, as upstream's ``<``.
+
+    P3 anchor 0 is 10 x 13 px = 1.25 x 1.625 cells on the 8 x 8 grid of a 64 px
+    image: w = 0.625 gives r = 5 / 1.25 = 4 and w = 5 / 128 gives 1 / r = 4,
+    both exact in float32."""
+    rows = np.array(
+        [
+            [0, 0, 0.4, 0.4, 0.625, 0.2],  # r_w == 4 exactly
+            [0, 1, 0.4, 0.4, 0.62, 0.2],  # just inside
+            [1, 2, 0.6, 0.6, 5 / 128, 0.2],  # 1 / r_w == 4 exactly
+            [1, 3, 0.6, 0.6, 5.1 / 128, 0.2],  # just inside
+        ],
+        np.float32,
+    )
+    rng = np.random.default_rng(16)
+    targets, preds = standard(rng, rows)
+    oracle = Yolov5Oracle(anchors=ANCHORS_P5, strides=P5, nc=NC, hyp=jaxyolo.Yolov5LossConfig().hyp())
+    ref = oracle.build_targets(preds, targets)
+    assert_rows_match(targets, preds, anchors=ANCHORS_P5, strides=P5, config=jaxyolo.Yolov5LossConfig(), oracle_rows=ref)
+    p3_anchor0 = ref[0][ref[0][:, 1] == 0]
+    assert set(p3_anchor0[:, 10].astype(int)) == {1, 3}  # classes of the matched rows
+
+
+@settings(max_examples=30)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    counts=st.lists(st.integers(0, M), min_size=B, max_size=B),
+    snap=st.sampled_from([0, 8, 16, 32, 64]),
+    anchor_t=st.sampled_from([4.0, 2.5, 1.5]),
+)
+def test_property_build_targets(seed, counts, snap, anchor_t):
+    """build_targets alone (cheap, so more examples): centres optionally snapped
+    to 1/snap of the image so they fall on cell borders and half-cells of every level."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b, n in enumerate(counts):
+        for _ in range(n):
+            cx, cy = rng.uniform(0, 1, 2)
+            if snap:
+                cx, cy = np.round(cx * snap) / snap, np.round(cy * snap) / snap
+            w, h = rng.uniform(0.005, 0.8, 2)
+            rows.append([b, int(rng.integers(NC)), cx, cy, w, h])
+    targets, preds = standard(rng, np.asarray(rows, np.float32).reshape(-1, 6))
+    config = jaxyolo.Yolov5LossConfig(anchor_t=anchor_t)
+    oracle = Yolov5Oracle(anchors=ANCHORS_P5, strides=P5, nc=NC, hyp=config.hyp())
+    ref = oracle.build_targets(preds, targets)
+    assert_rows_match(targets, preds, anchors=ANCHORS_P5, strides=P5, config=config, oracle_rows=ref)

@@ -73,6 +73,37 @@ class Yolov5Oracle:
     def balance(self) -> np.ndarray:
         return np.asarray(self.loss.balance, np.float64)
 
+    @staticmethod
+    def _inputs(preds_nhwc, targets):
+        if hasattr(targets, "to_rows"):
+            targets = targets.to_rows()
+        rows = tensor(np.asarray(targets, np.float32).reshape(-1, 6))
+        leaves = [
+            tensor(np.ascontiguousarray(np.transpose(np.asarray(p, np.float32), (0, 3, 1, 2, 4))), grad=True)
+            for p in preds_nhwc
+        ]
+        return leaves, rows
+
+    def _rows(self, leaves, rows):
+        with torch().no_grad():
+            tcls, tbox, indices, anch = self.loss.build_targets(leaves, rows)
+        level_rows = []
+        for c, tb, (b, a, gj, gi), an in zip(tcls, tbox, indices, anch):
+            cols = [b[:, None], a[:, None], gj[:, None], gi[:, None], tb, an, c[:, None]]
+            widths = (1, 1, 1, 1, 4, 2, 1)
+            level_rows.append(
+                np.concatenate(
+                    [numpy(x).astype(np.float32).reshape(len(b), k) for x, k in zip(cols, widths)], axis=1
+                )
+            )
+        return level_rows
+
+    def build_targets(self, preds_nhwc, targets) -> list[np.ndarray]:
+        """Upstream ``build_targets`` alone: per level ``(n, 11)`` rows
+        ``[b, a, gj, gi, tx, ty, tw, th, anchor_w, anchor_h, cls]`` in its order
+        (only the shapes of ``preds_nhwc`` matter)."""
+        return self._rows(*self._inputs(preds_nhwc, targets))
+
     def __call__(self, preds_nhwc, targets) -> dict:
         """One forward + backward.
 
@@ -88,25 +119,8 @@ class Yolov5Oracle:
           ``[b, a, gj, gi, tx, ty, tw, th, anchor_w, anchor_h, cls]`` in upstream
           order, and ``balance`` (after the call).
         """
-        t = torch()
-        if hasattr(targets, "to_rows"):
-            targets = targets.to_rows()
-        rows = tensor(np.asarray(targets, np.float32).reshape(-1, 6))
-        leaves = [
-            tensor(np.ascontiguousarray(np.transpose(np.asarray(p, np.float32), (0, 3, 1, 2, 4))), grad=True)
-            for p in preds_nhwc
-        ]
-        with t.no_grad():
-            tcls, tbox, indices, anch = self.loss.build_targets(leaves, rows)
-        level_rows = []
-        for c, tb, (b, a, gj, gi), an in zip(tcls, tbox, indices, anch):
-            cols = [b[:, None], a[:, None], gj[:, None], gi[:, None], tb, an, c[:, None]]
-            widths = (1, 1, 1, 1, 4, 2, 1)
-            level_rows.append(
-                np.concatenate(
-                    [numpy(x).astype(np.float32).reshape(len(b), k) for x, k in zip(cols, widths)], axis=1
-                )
-            )
+        leaves, rows = self._inputs(preds_nhwc, targets)
+        level_rows = self._rows(leaves, rows)
         total, comps = self.loss(leaves, rows)
         total.sum().backward()
         grads = [np.transpose(numpy(leaf.grad), (0, 2, 3, 1, 4)) for leaf in leaves]
