@@ -104,10 +104,6 @@ def random_rows(rng, batch, nc, max_boxes, *, empty_images=(), min_wh=0.005, max
     return np.asarray(rows, np.float32).reshape(-1, 6)
 
 
-def config_hyp(config):
-    return config.hyp()
-
-
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-6))) if a.size else 0.0

@@ -44,6 +44,7 @@ def fake_yolov5_model(*, anchors, strides, nc: int, hyp: dict):
             self.model = nn.ModuleList([Detect()])
             self.hyp = dict(hyp)
             self.nc = nc
+            self.gr = 1.0  # Model.gr; ComputeLoss 7.0 ignores it and hard-codes self.gr = 1.0
 
     return Model()
 
@@ -55,7 +56,8 @@ class Yolov5Oracle:
       anchors: ``(L, na, 2)`` pixels; strides: ``L`` strides; nc: classes.
       hyp: upstream hyp dict (e.g. ``Yolov5LossConfig().hyp()``).
       autobalance, sort_obj_iou: upstream's flags.
-      gr: overrides ``ComputeLoss.gr`` (hard-coded 1.0 upstream).
+      gr: overrides ``ComputeLoss.gr`` (hard-coded 1.0 in ``ComputeLoss.__init__``,
+        whatever ``model.gr`` says).
       balance: overrides the initial ``ComputeLoss.balance`` list.
     """
 
