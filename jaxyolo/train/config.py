@@ -35,7 +35,8 @@ class TrainConfig:
         gradient is ``nbs x`` the per-image mean.  The objective here is
         ``total * nbs / B`` (same scale, no accumulation, every batch steps).
         YOLOX's loss is already a mean; upstream scales its LR by
-        ``B / 64`` instead, and so does this trainer for ``loss="yolox"``.
+        ``B / 64`` instead, and so does this trainer for ``loss="yolox"``
+        with SGD (AdamW is invariant to the loss scale: lr0 as is).
       grad_clip: max global gradient norm (None: no clipping).
       ema_decay, ema_tau: ModelEMA ``d = ema_decay * (1 - exp(-updates / tau))``;
         ``ema_tau=None`` picks ``total_steps / 5`` (see :func:`ema_tau_for`).

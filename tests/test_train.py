@@ -1,0 +1,140 @@
+"""Training: every head + loss learns, one-batch overfit, exact resume, optimiser pieces."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxyolo.data import collate, load_embedded, train_batches
+from jaxyolo.models import build_detector
+from jaxyolo.train import TrainConfig, decay_mask, ema_decay, ema_tau_for, lr_schedule, train
+from jaxyolo.train.loop import Session
+
+TINY = TrainConfig(
+    img_size=64, batch=4, epochs=1, max_boxes=8, lr0=0.003, warmup_epochs=0, warmup_min_steps=10,
+    schedule="linear", lrf=1.0, grad_clip=None, model_size="pico",
+)
+
+
+@pytest.fixture(scope="module")
+def one_batch():
+    d = load_embedded("train", size=16, img_size=64)
+    images, targets = collate(train_batches(d, batch_size=4, max_boxes=8, seed=0, epoch=0, flip=0)[0])
+    assert int(targets.mask.sum()) >= 8
+    return jnp.asarray(images), jax.tree.map(jnp.asarray, targets)
+
+
+def _one_batch_losses(loss, batch, steps):
+    session = Session(dataclasses.replace(TINY, loss=loss), nc=6, steps_per_epoch=250)
+    state, ema, out = session.state, session.ema, []
+    for _ in range(steps):
+        state, ema, logs = session.train_step(state, ema, *batch)
+        out.append({k: float(v) for k, v in logs.items()})
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["yolov5", "yolox"])
+def test_each_loss_trains(loss, one_batch):
+    logs = _one_batch_losses(loss, one_batch, 40)
+    losses = np.array([r["loss"] for r in logs])
+    assert np.all(np.isfinite(losses))
+    assert losses[-5:].mean() < 0.7 * losses[:5].mean(), losses
+    names = {"yolov5": ("box", "obj", "cls"), "yolox": ("iou", "obj", "cls")}[loss]
+    assert all(k in logs[0] for k in names)
+
+
+@pytest.mark.slow
+def test_yolov8_overfits_one_batch(one_batch):
+    logs = _one_batch_losses("yolov8", one_batch, 250)
+    losses = np.array([r["loss"] for r in logs])
+    assert np.all(np.isfinite(losses))
+    assert losses[-5:].mean() <= 0.2 * losses[0], (losses[0], losses[-5:])  # down >= 80%
+    assert logs[-1]["box"] < logs[0]["box"] and logs[-1]["dfl"] < logs[0]["dfl"] and logs[-1]["cls"] < logs[0]["cls"]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path):
+    cfg = dataclasses.replace(TINY, epochs=2, train_size=16, val_size=8, grad_clip=10.0, warmup_min_steps=2)
+    full = train(cfg, tmp_path / "full", progress=False, log=lambda *_: None)
+    assert full["steps"] == 8
+
+    part = train(dataclasses.replace(cfg, max_steps=3), tmp_path / "part", progress=False, log=lambda *_: None)
+    assert part["steps"] == 3 and part["map50"] is None
+    np.testing.assert_array_equal(part["losses"], full["losses"][:3])
+    # A checkpoint that never finished writing (orbax's temporary directory) is ignored.
+    (tmp_path / "part" / "checkpoints" / "7.orbax-checkpoint-tmp-1234").mkdir()
+    mid = train(dataclasses.replace(cfg, max_steps=6), tmp_path / "part", resume=True, progress=False, log=lambda *_: None)
+    assert mid["steps"] == 6
+    rest = train(cfg, tmp_path / "part", resume=True, progress=False, log=lambda *_: None)
+    assert rest["steps"] == 8
+    # The next step's loss after each resume equals the uninterrupted run's, bit for bit.
+    np.testing.assert_array_equal(mid["losses"], full["losses"][3:6])
+    np.testing.assert_array_equal(rest["losses"], full["losses"][6:8])
+    assert rest["map50"] == full["map50"] and rest["map50_95"] == full["map50_95"]
+    steps_csv = (tmp_path / "part" / "steps.csv").read_text().splitlines()
+    assert len(steps_csv) == 1 + 8  # no duplicated rows after the resumes
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TINY, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_weight_decay_only_on_conv_kernels():
+    from flax import nnx
+
+    params = nnx.state(build_detector("yolov8", nc=3, size="pico"), nnx.Param)
+    mask = decay_mask(params)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert any(v for k, v in flat.items() if "kernel" in k)
+    assert all(v == ("kernel" in k) for k, v in flat.items())  # BN scale/bias and conv biases: no decay
+
+
+def test_ema_decay_schedule():
+    assert float(ema_decay(1, decay=0.9999, tau=2000)) == pytest.approx(0.9999 * (1 - np.exp(-1 / 2000)), rel=1e-4)
+    assert float(ema_decay(10**6, decay=0.9999, tau=2000)) == pytest.approx(0.9999, rel=1e-6)
+    assert ema_tau_for(TrainConfig(ema_tau=2000.0), 1000) == 2000.0
+    assert ema_tau_for(TrainConfig(), 1000) == 200.0
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = TrainConfig(lr0=0.01, lrf=0.1, warmup_epochs=1, warmup_min_steps=5, schedule="cosine")
+    sched = lr_schedule(cfg, total_steps=100, steps_per_epoch=10)
+    assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.005)
+    assert float(sched(10)) == pytest.approx(0.01)
+    assert float(sched(100)) == pytest.approx(0.001, rel=1e-4)
+    vals = [float(sched(i)) for i in range(10, 101)]
+    assert all(a >= b - 1e-9 for a, b in zip(vals, vals[1:]))
+    lin = lr_schedule(dataclasses.replace(cfg, schedule="linear"), total_steps=100, steps_per_epoch=10)
+    assert float(lin(55)) == pytest.approx(0.01 - 0.5 * 0.009, rel=1e-4)
+    # YOLOX with SGD scales its LR per image (upstream's 0.01 / 64 per image); AdamW does not.
+    yx = lr_schedule(dataclasses.replace(cfg, loss="yolox", batch=32, optimizer="sgd"), total_steps=100, steps_per_epoch=10)
+    assert float(yx(10)) == pytest.approx(0.005)
+    yx = lr_schedule(dataclasses.replace(cfg, loss="yolox", batch=32, optimizer="adamw"), total_steps=100, steps_per_epoch=10)
+    assert float(yx(10)) == pytest.approx(0.01)
+
+
+def test_sgd_is_nesterov_with_decay_on_weights():
+    from jaxyolo.train import make_optimizer
+
+    cfg = TrainConfig(optimizer="sgd", lr0=0.1, warmup_epochs=0, warmup_min_steps=0, grad_clip=None, weight_decay=0.5)
+    tx, _ = make_optimizer(cfg, total_steps=1000, steps_per_epoch=10)
+    params = {"kernel": jnp.ones((1, 1, 1, 1)), "bias": jnp.ones((1,))}
+    upd, _ = tx.update({"kernel": jnp.zeros((1, 1, 1, 1)), "bias": jnp.zeros((1,))}, tx.init(params), params)
+    # grad 0 + decay 0.5 * w on the kernel only; nesterov first step: -(lr) * (g + m * g)
+    assert float(upd["kernel"].ravel()[0]) == pytest.approx(-0.1 * 0.5 * (1 + 0.937), rel=1e-4)
+    assert float(upd["bias"][0]) == 0.0
+    assert isinstance(optax.global_norm(upd), jax.Array)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="yolov7")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        TrainConfig(img_size=100)
+    with pytest.raises(ValueError, match="batch"):
+        TrainConfig(batch=0)
