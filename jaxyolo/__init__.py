@@ -66,3 +66,30 @@ __all__ = [
     "yolov8_loss",
     "yolov5_loss",
 ]
+
+
+# Detectors, data, evaluation and training (issue 6) load on first use, so
+# ``import jaxyolo`` stays light (no flax.nnx / grain / orbax / matplotlib).
+_LAZY = {
+    "models": "jaxyolo.models",
+    "data": "jaxyolo.data",
+    "evaluate": "jaxyolo.evaluate",
+    "train": "jaxyolo.train",
+    "Detector": "jaxyolo.models",
+    "build_detector": "jaxyolo.models",
+    "decode_yolov5": "jaxyolo.models",
+    "decode_yolox": "jaxyolo.models",
+    "decode_yolov8": "jaxyolo.models",
+    "batched_nms": "jaxyolo.evaluate",
+    "coco_map": "jaxyolo.evaluate",
+    "TrainConfig": "jaxyolo.train",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(_LAZY[name])
+        return mod if mod.__name__.endswith("." + name) else getattr(mod, name)
+    raise AttributeError(f"module 'jaxyolo' has no attribute {name!r}")
