@@ -147,13 +147,14 @@ def _bce_onehot_sum(logits, labels, scores, weights):
     no targets at all (the per-element value of every zero-target entry is
     bit-identical to torch's formula) and the target part is a ``(B, A)``
     gather.  Gradient ``w (sigmoid(x) - t)``, recomputed in the backward.
+    ``weights`` is ``(nc,)`` or ``None`` (all ones).
     """
-    nc = logits.shape[-1]
-    weights = jnp.broadcast_to(weights, (nc,))
     e = jnp.exp(-jnp.abs(logits))
-    dense = jnp.sum(weights * (jnp.maximum(logits, 0.0) + jnp.log1p(e)))
+    sp = jnp.maximum(logits, 0.0) + jnp.log1p(e)
     at_label = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return dense - jnp.sum(scores * weights[labels] * at_label)
+    if weights is None:
+        return jnp.sum(sp) - jnp.sum(scores * at_label)
+    return jnp.sum(weights * sp) - jnp.sum(scores * weights[labels] * at_label)
 
 
 def _bce_onehot_fwd(logits, labels, scores, weights):
@@ -163,8 +164,10 @@ def _bce_onehot_fwd(logits, labels, scores, weights):
 def _bce_onehot_bwd(res, ct):
     logits, labels, scores, weights = res
     t = _onehot_targets(labels, scores, logits.shape[-1], 0.0)
-    grad = ct * weights * _bce_terms(logits, t)[1]
-    return grad, np.zeros(labels.shape, jax.dtypes.float0), jnp.zeros_like(scores), jnp.zeros_like(weights)
+    grad = _bce_terms(logits, t)[1]
+    grad = ct * grad if weights is None else ct * weights * grad
+    dw = None if weights is None else jnp.zeros_like(weights)
+    return grad, np.zeros(labels.shape, jax.dtypes.float0), jnp.zeros_like(scores), dw
 
 
 _bce_onehot_sum.defvjp(_bce_onehot_fwd, _bce_onehot_bwd)
@@ -389,7 +392,8 @@ def yolov8_loss(preds, targets: Targets, *, strides=(8, 16, 32), config: TalLoss
     for logits, lab, sc, fg in zip(d["pred_scores"], _split(target_labels, sizes), _split(norm, sizes),
                                    _split(fg_mask, sizes)):
         if fused_bce:
-            cls_sum = cls_sum + _bce_onehot_sum(logits, lab, sc, cw)
+            weights = None if config.class_weights is None else cw
+            cls_sum = cls_sum + _bce_onehot_sum(logits, lab, sc, weights)
             continue
         t = _onehot_targets(lab, sc, nc, float(config.label_smoothing))
         if config.cls_loss == "varifocal":
