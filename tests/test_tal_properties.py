@@ -159,6 +159,10 @@ def test_trace_time_errors(rng):
         yolov8_loss([preds[0], preds[1][:1], preds[2]], targets)
     with pytest.raises(ValueError, match="levels"):
         yolov8_loss(preds[:2], targets)
+    with pytest.raises(ValueError, match="spatial shape"):
+        yolov8_loss([preds[0], preds[2], preds[1]], targets, strides=(8, 16, 32))
+    with pytest.raises(ValueError, match="spatial shape"):
+        yolov8_loss(preds, targets, strides=(8, 32, 16))
     with pytest.raises(TypeError, match="sequence"):
         yolov8_loss(preds[0], targets)
     with pytest.raises(ValueError, match="channels"):

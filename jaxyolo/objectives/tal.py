@@ -6,7 +6,7 @@ precision, values and gradients.
 
 Pipeline (per batch, all static shapes)::
 
-    preds (B, H_l, W_l, 4*reg_max + nc) per level  ->  (B, A, ...) concatenated
+    preds (B, H_l, W_l, 4*reg_max + nc) per level  ->  (B, A_l, ...) per level
     DFL logits --softmax . arange(reg_max)--> ltrb (grid units) --> xyxy (grid units)
     assigner(sigmoid(cls), boxes * stride, anchors * stride, GTs in pixels)
     target boxes / stride  (grid units: DFL targets are bin indices)
@@ -25,13 +25,25 @@ the DFL targets are bin indices of the ``reg_max`` softmax, i.e. distances in
 grid cells of the anchor's own level -- in pixels they would be clamped to
 ``reg_max - 1`` cells' worth of pixels and lose every box larger than 15 px.
 CIoU is scale-invariant, so the box term does not care which unit is used.
-(``tests/test_tal_units.py`` shows both facts.)
+(``tests/test_tal_properties.py`` shows both facts.)
+
+Implementation notes: levels are never concatenated along A for the big
+tensors; the class term uses ``sum(softplus(x)) - sum(s * x[label])`` (exact for
+one-hot targets) and the class/DFL/decode terms have custom VJPs that recompute
+sigmoid/softmax in the backward instead of storing ``(B, A, nc)`` residuals.
+``reg_max = 1`` (ultralytics' L1 branch without DFL) is not supported.
 
 Upstream quirks, named once:
 
 * ``label_smoothing``: YOLOv9 computes ``smooth_BCE`` targets and never uses
   them; ultralytics has no such option.  Here it is applied (``t * (1 - eps) +
-  eps / 2``) when non-zero; the default 0 matches both upstreams.
+  eps / 2``) when non-zero -- a deliberate deviation behind a flag; the
+  default 0 matches both upstreams.
+* an anchor that the top-k picks with zero alignment (a GT holding fewer than
+  ``topk`` positive candidates; the pick order among zeros is implementation
+  defined) is foreground with target score 0: it adds nothing to BCE/box/DFL,
+  but it does count in the varifocal one-hot label and in the multi-GT
+  resolution, as upstream.
 * YOLOv9's ``cls_pw`` is a BCE ``pos_weight`` (default 1.0: no-op); ``fl_gamma
   > 0`` wraps the BCE in YOLOv5's focal loss (``alpha=0.25``).
 * ``cls_loss="varifocal"`` is the "VFL way" line YOLOv9 ships commented out:
@@ -249,6 +261,14 @@ def _check_preds(preds, strides, reg_max, nc):
             raise ValueError(f"preds[{i}] has batch {p.shape[0]} but preds[0] has {b}")
         if p.shape[-1] != c:
             raise ValueError(f"preds[{i}] has {p.shape[-1]} channels but preds[0] has {c}; levels must agree")
+    h0, w0 = out[0].shape[1:3]
+    for i, (p, st) in enumerate(zip(out, strides)):
+        want = (-(-(h0 * strides[0]) // st), -(-(w0 * strides[0]) // st))
+        if tuple(p.shape[1:3]) != tuple(int(v) for v in want):
+            raise ValueError(
+                f"preds[{i}] has spatial shape {tuple(p.shape[1:3])} but level 0 {(h0, w0)} at stride "
+                f"{strides[0]} implies {tuple(int(v) for v in want)} at stride {st}; levels or strides mismatch"
+            )
     if nc is not None and c != 4 * reg_max + nc:
         raise ValueError(f"preds have {c} channels, expected 4*reg_max + nc = 4*{reg_max} + {nc} = {4 * reg_max + nc}")
     if c <= 4 * reg_max:
