@@ -110,8 +110,10 @@ def test_assigner_vmaps_over_images(rng):
     anchors = d["anchor_points"] * d["stride"]
     gt = jaxyolo.xywh2xyxy(targets.boxes * 64.0)
     batched = jax.jit(task_aligned)(scores, boxes, anchors, targets.classes, gt, targets.mask)
-    one = jax.jit(jax.vmap(lambda s, b, l, g, m: tuple(x[0] for x in task_aligned(s[None], b[None], anchors, l[None], g[None],
-                                                                          m[None]))))
+    def single(s, b, lab, g, m):
+        return tuple(x[0] for x in task_aligned(s[None], b[None], anchors, lab[None], g[None], m[None]))
+
+    one = jax.jit(jax.vmap(single))
     per_image = one(scores, boxes, targets.classes, gt, targets.mask)
     for x, y in zip(batched, per_image):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

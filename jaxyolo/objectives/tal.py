@@ -57,7 +57,6 @@ Upstream quirks, named once:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -216,7 +215,8 @@ def _dfl_bin_weights(target, reg_max):
     wl = (tl + 1) - target
     wr = 1 - wl
     bins = jnp.arange(reg_max, dtype=jnp.int32)
-    return jnp.where(bins == tl[..., None], wl[..., None], 0.0) + jnp.where(bins == tl[..., None] + 1, wr[..., None], 0.0)
+    left = jnp.where(bins == tl[..., None], wl[..., None], 0.0)
+    return left + jnp.where(bins == tl[..., None] + 1, wr[..., None], 0.0)
 
 
 @jax.custom_vjp

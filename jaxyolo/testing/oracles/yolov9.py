@@ -180,7 +180,8 @@ def yolov9_loss(preds_nhwc, targets, *, strides=(8, 16, 32), nc=80, reg_max=16, 
     if cls_loss == "varifocal":
         onehot = F.one_hot(target_labels, nc).float() * fg_mask[..., None]
         weight = 0.75 * pred_scores.sigmoid().pow(2.0) * (1 - onehot) + target_scores * onehot
-        loss[1] = (F.binary_cross_entropy_with_logits(pred_scores, target_scores, reduction="none") * weight).sum() / tss
+        vfl = F.binary_cross_entropy_with_logits(pred_scores, target_scores, reduction="none") * weight
+        loss[1] = vfl.sum() / tss
     else:
         bce = F.binary_cross_entropy_with_logits(
             pred_scores, target_scores, pos_weight=t.tensor([cls_pw]), reduction="none"
