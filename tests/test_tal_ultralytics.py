@@ -11,6 +11,8 @@ import zlib
 import numpy as np
 import pytest
 from conftest import GRAD_TOL, VALUE_TOL
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_tal_helpers import compare, make_preds, make_rows, run_jax, targets_from_rows
 
 from jaxyolo import TalLossConfig
@@ -85,3 +87,10 @@ def test_reg_max_8(oracles, rng):
 def test_topk2_gains_and_class_weights(oracles, rng):
     cfg = TalLossConfig(topk=10, topk2=5, box=5.0, cls=1.0, dfl=2.0, class_weights=(0.5, 1.0, 2.0))
     _case(oracles, rng, config=cfg, counts=[10, 20, 5, 0])
+
+
+@settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["random", "tiny", "overlap", "border"]))
+def test_hypothesis_parity(oracles, seed, kind):
+    rng = np.random.default_rng(seed)
+    _case(oracles, rng, batch=2, hw=(64, 96), counts=rng.integers(0, 13, 2), kind=kind, max_boxes=16)
