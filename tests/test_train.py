@@ -27,8 +27,8 @@ def one_batch():
     return jnp.asarray(images), jax.tree.map(jnp.asarray, targets)
 
 
-def _one_batch_losses(loss, batch, steps):
-    session = Session(dataclasses.replace(TINY, loss=loss), nc=6, steps_per_epoch=250)
+def _one_batch_losses(loss, batch, steps, **overrides):
+    session = Session(dataclasses.replace(TINY, loss=loss, **overrides), nc=6, steps_per_epoch=300)
     state, ema, out = session.state, session.ema, []
     for _ in range(steps):
         state, ema, logs = session.train_step(state, ema, *batch)
@@ -49,11 +49,25 @@ def test_each_loss_trains(loss, one_batch):
 
 @pytest.mark.slow
 def test_yolov8_overfits_one_batch(one_batch):
-    logs = _one_batch_losses("yolov8", one_batch, 250)
+    logs = _one_batch_losses("yolov8", one_batch, 300, lr0=0.005)
+    losses = np.array([r["loss"] for r in logs])
+    assert np.all(np.isfinite(losses))
+    end = {k: np.mean([r[k] for r in logs[-5:]]) for k in ("loss", "box", "cls", "dfl")}
+    # box (1 - CIoU) and cls (BCE) can reach 0: both down >= 80%.  DFL is a
+    # cross-entropy against two-bin soft targets, so it has an entropy floor
+    # (~0.6 here); the total still falls by ~80%.
+    assert end["box"] <= 0.2 * logs[0]["box"], (logs[0], end)
+    assert end["cls"] <= 0.2 * logs[0]["cls"], (logs[0], end)
+    assert end["dfl"] <= 0.6 * logs[0]["dfl"], (logs[0], end)
+    assert end["loss"] <= 0.25 * logs[0]["loss"], (logs[0], end)
+
+
+@pytest.mark.slow
+def test_yolov5_overfits_one_batch(one_batch):
+    logs = _one_batch_losses("yolov5", one_batch, 100, lr0=0.01)
     losses = np.array([r["loss"] for r in logs])
     assert np.all(np.isfinite(losses))
     assert losses[-5:].mean() <= 0.2 * losses[0], (losses[0], losses[-5:])  # down >= 80%
-    assert logs[-1]["box"] < logs[0]["box"] and logs[-1]["dfl"] < logs[0]["dfl"] and logs[-1]["cls"] < logs[0]["cls"]
 
 
 @pytest.mark.slow
