@@ -65,6 +65,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--reuse", nargs="*", default=[], metavar="LOSS=DIR",
+                   help="take a finished run of the same config instead of training, e.g. yolov8=runs/yolov8")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,8 +76,20 @@ def main(argv=None):
         base = dataclasses.replace(base, epochs=args.epochs)
     if args.train_size is not None:
         base = dataclasses.replace(base, train_size=args.train_size)
+    reuse = dict(r.split("=", 1) for r in args.reuse)
     results = {}
     for loss in losses:
+        if loss in reuse:
+            src = Path(reuse[loss])
+            saved = TrainConfig.from_json(json.loads((src / "config.json").read_text()))
+            if dataclasses.replace(saved, eval_every=base.eval_every) != dataclasses.replace(base, loss=loss):
+                raise SystemExit(f"--reuse {loss}={src}: its config differs from this comparison's")
+            final = json.loads((src / "final.json").read_text())
+            (out / loss).mkdir(exist_ok=True)
+            for f in ("metrics.csv", "steps.csv", "config.json", "final.json"):
+                (out / loss / f).write_text((src / f).read_text())
+            results[loss] = {"map50": final["map50"], "map50_95": final["map50_95"], "steps": final["steps"], "wall_s": round(final["seconds"], 1)}
+            continue
         t0 = time.perf_counter()
         r = train(dataclasses.replace(base, loss=loss), out / loss, progress=not args.no_progress)
         results[loss] = {"map50": r["map50"], "map50_95": r["map50_95"], "steps": r["steps"], "wall_s": round(time.perf_counter() - t0, 1)}

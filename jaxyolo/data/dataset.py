@@ -12,7 +12,6 @@ access), so the data RNG state of a checkpoint is just those three ints and
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ __all__ = [
 ]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-EMBEDDED_TRAIN_SIZE = 4000
+EMBEDDED_TRAIN_SIZE = 3000
 EMBEDDED_VAL_SIZE = 400
 
 
@@ -122,9 +121,16 @@ def _load_image(path: Path, img_size: int) -> np.ndarray:
 def _split_dirs(root: Path, split: str):
     """``(images_dir, labels_dir)`` for ``split``: ``root/images/<split>`` if it
     exists (the ultralytics layout), else ``root/images`` for both splits."""
-    for images in (root / "images" / split, root / "images"):
-        if images.is_dir():
-            return images, Path(str(images).replace(f"{os.sep}images", f"{os.sep}labels", 1))
+    if (root / "images" / split).is_dir():
+        images = root / "images" / split
+    elif (root / "images").is_dir() and not any(p.is_dir() for p in (root / "images").iterdir()):
+        images = root / "images"
+    elif (root / "images").is_dir():
+        raise DataError(f"dataset {root}: no '{split}' split (expected {root / 'images' / split})")
+    else:
+        images = None
+    if images is not None:
+        return images, root / "labels" / images.relative_to(root / "images")
     raise DataError(f"dataset {root}: no images directory (expected {root / 'images' / split} or {root / 'images'})")
 
 

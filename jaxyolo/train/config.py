@@ -51,15 +51,15 @@ class TrainConfig:
     loss: str = "yolov8"
     data: str = "embedded"
     nc: int | None = None
-    epochs: int = 20
+    epochs: int = 8
     img_size: int = 128
-    batch: int = 32
+    batch: int = 16
     model_size: str = "pico"
-    train_size: int = 4000
+    train_size: int = 3000
     val_size: int = 400
     max_boxes: int = 16
     optimizer: str = "adamw"
-    lr0: float = 0.002
+    lr0: float = 0.003
     lrf: float = 0.01
     momentum: float = 0.937
     weight_decay: float = 5e-4
@@ -75,7 +75,7 @@ class TrainConfig:
     conf_thres: float = 0.001
     iou_thres: float = 0.7
     max_det: int = 100
-    eval_every: int = 1
+    eval_every: int = 2
     max_steps: int | None = None
 
     def __post_init__(self):
