@@ -3,7 +3,6 @@ no retrace, jit == eager, vmap, no NaN on degenerate inputs, trace-time errors,
 and hypothesis invariants of the assigner."""
 
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +19,6 @@ from jaxyolo.assign import task_aligned
 from jaxyolo.objectives.tal import assign_for_loss, decode_predictions
 
 STRIDES = (8, 16, 32)
-
-
-@pytest.fixture
-def rng(request):
-    """Deterministic per-test generator (conftest's ``hash(nodeid)`` changes with PYTHONHASHSEED)."""
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _batch(rng, counts, *, nc=3, hw=(128, 128), max_boxes=16, **kw):

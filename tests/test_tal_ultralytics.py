@@ -6,7 +6,6 @@ Inputs have continuous random logits, so no two anchors tie on a positive
 alignment metric; the foreground is compared where the alignment is > 0.
 """
 
-import zlib
 
 import numpy as np
 import pytest
@@ -18,12 +17,6 @@ from test_tal_helpers import compare, make_preds, make_rows, run_jax, targets_fr
 from jaxyolo import TalLossConfig
 
 STRIDES = (8, 16, 32)
-
-
-@pytest.fixture
-def rng(request):
-    """Deterministic per-test generator (conftest's ``hash(nodeid)`` changes with PYTHONHASHSEED)."""
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _case(oracles, rng, *, batch=4, hw=(128, 128), nc=3, reg_max=16, counts=None, kind="random", config=None,

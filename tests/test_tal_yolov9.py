@@ -6,7 +6,6 @@ Inputs have continuous random logits (no ties on positive alignment metrics);
 the foreground is compared where the alignment is > 0.
 """
 
-import zlib
 
 import numpy as np
 import pytest
@@ -17,12 +16,6 @@ from jaxyolo import TalLossConfig
 from jaxyolo.testing.oracles.yolov9 import yolov9_loss
 
 STRIDES = (8, 16, 32)
-
-
-@pytest.fixture
-def rng(request):
-    """Deterministic per-test generator (conftest's ``hash(nodeid)`` changes with PYTHONHASHSEED)."""
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _case(rng, *, batch=4, hw=(128, 128), nc=3, reg_max=16, counts=None, kind="random", config=None, size=(0.04, 0.6)):

@@ -118,7 +118,7 @@ def test_near_integer_dynamic_k(oracles, log2_ious, expected_k):
     dyadic, hence exact in float32 whatever the summation order, so both sides
     agree even a hair below an integer.  (For general IoUs a sum within ~1 ulp
     of an integer can truncate differently, because XLA and torch add the ten
-    values in different orders; see jaxyolo.assign.simota.)"""
+    values in different orders; see jaxyolo.assign.yolox.)"""
     rng = np.random.default_rng(12)
     pred = np.tile(np.asarray(FAR_BOX, np.float32), (64, 1))
     candidates = [8 * y + x for y in range(2, 6) for x in range(2, 6)]  # in box and centre of the GT

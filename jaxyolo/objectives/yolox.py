@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxyolo import _checks
-from jaxyolo.assign.simota import SIMOTA_VARIANTS, VARIANT_DEFAULTS, simota
+from jaxyolo.assign.yolox import SIMOTA_VARIANTS, VARIANT_DEFAULTS, simota
 from jaxyolo.boxes import make_anchor_points
 from jaxyolo.losses import bce_with_logits, yolox_iou_loss
 from jaxyolo.targets import Targets

@@ -21,9 +21,10 @@ from jaxyolo.testing.oracles._torch import (
     yolov5_modules,
     yolox_modules,
 )
-from jaxyolo.testing.oracles.ultralytics import make_v8_criterion, v8_detection_loss  # noqa: E402
-from jaxyolo.testing.oracles.yolov9 import Yolov9Assigner, yolov9_loss  # noqa: E402
-from jaxyolo.testing.oracles.yolox import yolox_get_assignments, yolox_get_losses  # noqa: E402
+from jaxyolo.testing.oracles.ultralytics import make_v8_criterion, v8_detection_loss
+from jaxyolo.testing.oracles.yolov5 import yolov5_compute_loss
+from jaxyolo.testing.oracles.yolov9 import Yolov9Assigner, yolov9_loss
+from jaxyolo.testing.oracles.yolox import yolox_get_assignments, yolox_get_losses
 
 __all__ = [
     "ORACLE_VERSIONS",
@@ -38,10 +39,9 @@ __all__ = [
     "versions",
     "Yolov9Assigner",
     "yolov5_modules",
+    "yolov5_compute_loss",
     "yolov9_loss",
     "yolox_get_assignments",
     "yolox_get_losses",
     "yolox_modules",
 ]
-
-from jaxyolo.testing.oracles.yolov5 import yolov5_compute_loss  # noqa: E402,F401
