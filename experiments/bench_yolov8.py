@@ -18,11 +18,12 @@ M=32, 53.8 MB at M=100), and it scales linearly in each of B, M and A.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
+
+from _bench_common import median_ms, random_targets
 
 STRIDES = (8, 16, 32)
 REG_MAX = 16
@@ -30,27 +31,10 @@ REG_MAX = 16
 
 def make_inputs(*, batch, img, nc, max_gt, seed):
     """Raw head outputs ``(B, H, W, 4*reg_max + nc)`` per level and padded targets."""
-    from jaxyolo.targets import Targets
-
     rng = np.random.default_rng(seed)
     preds = [rng.normal(0.0, 1.0, (batch, img // s, img // s, 4 * REG_MAX + nc)).astype(np.float32) for s in STRIDES]
-    rows = []
-    for b in range(batch):
-        for _ in range(int(rng.integers(0, max_gt + 1))):
-            w, h = rng.uniform(0.01, 0.6, 2)
-            cx, cy = rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2)
-            rows.append([b, int(rng.integers(nc)), cx, cy, w, h])
-    targets = Targets.from_rows(np.asarray(rows, np.float64).reshape(-1, 6), batch, max_gt)
+    targets = random_targets(rng, batch=batch, nc=nc, max_gt=max_gt, min_size=0.01)
     return preds, targets
-
-
-def _median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def assigner_memory(*, batch=16, img=640, nc=80, max_boxes=100):
@@ -98,7 +82,7 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
     t0 = time.perf_counter()
     (jax_total, _), _ = jax.block_until_ready(step(jpreds, targets))
     warm = time.perf_counter() - t0
-    jax_ms = _median_ms(lambda: jax.block_until_ready(step(jpreds, targets)), repeats)
+    jax_ms = median_ms(lambda: jax.block_until_ready(step(jpreds, targets)), repeats)
 
     torch = oracles.torch()
     threads = torch.get_num_threads()
@@ -125,7 +109,7 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
             return float(total.item())
 
         torch_total = torch_step()  # warm-up
-        torch_ms = _median_ms(torch_step, max(3, repeats // 2))
+        torch_ms = median_ms(torch_step, max(3, repeats // 2))
     finally:
         torch.set_num_threads(threads)
 

@@ -8,42 +8,26 @@ level) vs yolox==0.3.0 ``YOLOXHead.get_losses`` forward + backward, same inputs.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
+
+from _bench_common import median_ms, random_targets
 
 STRIDES = (8, 16, 32)
 
 
 def make_inputs(*, batch, img, nc, max_gt, seed):
     """Raw head outputs ``(B, H, W, 5 + nc)`` per level and padded targets."""
-    from jaxyolo.targets import Targets
-
     rng = np.random.default_rng(seed)
     preds = []
     for s in STRIDES:
         p = rng.normal(0.0, 0.5, (batch, img // s, img // s, 5 + nc)).astype(np.float32)
         p[..., 4:] -= 3.0  # logits near YOLOX's prior (prior_prob 0.01 -> bias -4.6)
         preds.append(p)
-    rows = []
-    for b in range(batch):
-        for _ in range(int(rng.integers(0, max_gt + 1))):
-            w, h = rng.uniform(0.02, 0.6, 2)
-            cx, cy = rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2)
-            rows.append([b, int(rng.integers(nc)), cx, cy, w, h])
-    targets = Targets.from_rows(np.asarray(rows, np.float64).reshape(-1, 6), batch, max_gt)
+    targets = random_targets(rng, batch=batch, nc=nc, max_gt=max_gt, min_size=0.02)
     return preds, targets
-
-
-def _median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
@@ -68,7 +52,7 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
     t0 = time.perf_counter()
     (jax_total, _), _ = jax.block_until_ready(step(jpreds, targets))
     warm = time.perf_counter() - t0
-    jax_ms = _median_ms(lambda: jax.block_until_ready(step(jpreds, targets)), repeats)
+    jax_ms = median_ms(lambda: jax.block_until_ready(step(jpreds, targets)), repeats)
 
     torch = oracles.torch()
     threads = torch.get_num_threads()
@@ -84,7 +68,7 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
             return float(loss)
 
         torch_total = torch_step()  # warm-up
-        torch_ms = _median_ms(torch_step, max(3, repeats // 2))
+        torch_ms = median_ms(torch_step, max(3, repeats // 2))
     finally:
         torch.set_num_threads(threads)
 
