@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from jaxyolo.models.backbone import STRIDES, Backbone

@@ -51,7 +51,7 @@ class TrainConfig:
     loss: str = "yolov8"
     data: str = "embedded"
     nc: int | None = None
-    epochs: int = 8
+    epochs: int = 12
     img_size: int = 128
     batch: int = 16
     model_size: str = "pico"
