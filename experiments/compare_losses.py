@@ -33,16 +33,17 @@ def plot(out: Path, losses):
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for loss in losses:
+    for i, loss in enumerate(losses):
+        color = f"C{i}"
         ep = [r for r in _read(out / loss / "metrics.csv") if r.get("map50")]
-        a1.plot([int(r["epoch"]) for r in ep], [float(r["map50"]) for r in ep], "o-", label=f"{loss} mAP@0.5")
-        a1.plot([int(r["epoch"]) for r in ep], [float(r["map50_95"]) for r in ep], "s--", label=f"{loss} mAP@0.5:0.95")
+        a1.plot([int(r["epoch"]) for r in ep], [float(r["map50"]) for r in ep], "o-", color=color, label=f"{loss} mAP@0.5")
+        a1.plot([int(r["epoch"]) for r in ep], [float(r["map50_95"]) for r in ep], "s--", color=color, label=f"{loss} mAP@0.5:0.95")
         st = _read(out / loss / "steps.csv")
         y = [float(r["loss"]) for r in st]
         first = sum(y[:20]) / max(len(y[:20]), 1)
         k = 25
         sm = [sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1]) / first for i in range(len(y))]
-        a2.plot([int(r["step"]) for r in st], sm, label=loss)
+        a2.plot([int(r["step"]) for r in st], sm, color=color, label=loss)
     a1.set_xlabel("epoch")
     a1.set_ylabel("val mAP (EMA model)")
     a1.set_ylim(0, 1)
