@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--img-size", type=int, default=d.img_size, help="square image side, multiple of 32")
     t.add_argument("--batch", type=int, default=d.batch)
     t.add_argument("--out", default=None, help="run directory (default: runs/<loss>, runs/<loss>-2, ...)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out (default: the latest runs/<loss>*)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (default: the latest runs/<loss>*) with its saved config")
     t.add_argument("--model-size", choices=("pico", "nano", "small"), default=d.model_size)
     t.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer)
     t.add_argument("--lr0", type=float, default=d.lr0)
@@ -90,7 +90,10 @@ def _train(args) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     out = _pick_out(args)
-    print(f"jaxyolo train: {out}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in ('loss', 'data', 'epochs', 'img_size', 'batch', 'model_size', 'optimizer', 'lr0'))})", flush=True)
+    if args.resume:
+        print(f"jaxyolo train --resume: {out} (its saved config; other options except --max-steps are ignored)", flush=True)
+    else:
+        print(f"jaxyolo train: {out}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in ('loss', 'data', 'epochs', 'img_size', 'batch', 'model_size', 'optimizer', 'lr0'))})", flush=True)
     try:
         train(cfg, out, resume=args.resume, progress=not args.no_progress)
     except (DataError, FileNotFoundError) as e:
