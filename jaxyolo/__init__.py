@@ -10,7 +10,7 @@ Modules: ``boxes`` (geometry), ``losses`` (element losses), ``targets``
 ``objectives`` (the full YOLOv5 / YOLOX / YOLOv8-v9 losses).
 """
 
-from jaxyolo import boxes, losses
+from jaxyolo import assign, boxes, losses, objectives
 from jaxyolo.boxes import (
     bbox2dist,
     bbox_iou,
@@ -31,16 +31,17 @@ from jaxyolo.losses import (
     varifocal_loss,
     yolox_iou_loss,
 )
-from jaxyolo.targets import Targets
-from jaxyolo.objectives.yolox import YoloxLossConfig, yolox_loss
 from jaxyolo.objectives.tal import TalLossConfig, yolov8_loss
 from jaxyolo.objectives.yolov5 import Yolov5LossConfig, scale_yolov5_hyp, yolov5_loss
+from jaxyolo.objectives.yolox import YoloxLossConfig, yolox_loss
+from jaxyolo.targets import Targets
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TalLossConfig",
     "Targets",
+    "assign",
     "Yolov5LossConfig",
     "YoloxLossConfig",
     "bbox2dist",
@@ -54,6 +55,7 @@ __all__ = [
     "focal_loss",
     "losses",
     "make_anchor_points",
+    "objectives",
     "qfocal_loss",
     "scale_yolov5_hyp",
     "smooth_bce",

@@ -14,9 +14,10 @@ extras="$1"; with_oracles="${2:-}"
 stamp="$VENV/.jaxyolo-stamp-$extras${with_oracles:+-oracles}"
 want="$(cat pyproject.toml requirements/*.txt scripts/_env.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  python -m pip --disable-pip-version-check -q install "torch==2.13.0" -c requirements/lock.txt
   python -m pip --disable-pip-version-check -q install -c requirements/lock.txt -e ".[$extras]"
   if [ -n "$with_oracles" ]; then
+    # torch first: the CPU wheel the machine provides (yolox's sdist builds against it).
+    python -m pip --disable-pip-version-check -q install "torch==2.13.0" -c requirements/lock.txt
     python -m pip --disable-pip-version-check -q install -c requirements/lock.txt -r requirements/oracle-runtime.txt
     python -m pip --disable-pip-version-check -q install --no-deps -r requirements/oracles.txt
     python -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation "yolox==0.3.0"
