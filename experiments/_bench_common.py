@@ -30,3 +30,46 @@ def median_ms(fn, repeats):
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_jitted(step, *args, repeats):
+    """Compile and time a jitted function: ``(output, median ms, compile s)``.
+
+    Compile time is the first call minus a warm call; the median is over
+    ``repeats`` further calls, each blocked until ready.
+    """
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(*args))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(step(*args))
+    warm = time.perf_counter() - t0
+    ms = median_ms(lambda: jax.block_until_ready(step(*args)), repeats)
+    return out, ms, first - warm
+
+
+def time_torch(torch_step, *, repeats):
+    """Time an upstream forward+backward with torch's default (all-core) threads:
+    ``(result of a warm-up call, median ms)``.  The one-thread setting of the
+    parity harness is restored afterwards."""
+    import os
+
+    from jaxyolo.testing import oracles
+
+    torch = oracles.torch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        first = torch_step()
+        return first, median_ms(torch_step, max(3, repeats // 2))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def result(family, targets, *, jax_ms, torch_ms, compile_s, jax_total, torch_total, extra=""):
+    """The dict ``bench_losses.py`` prints, with both totals as a same-inputs check."""
+    n_gt = int(np.asarray(targets.mask).sum())
+    notes = f"{n_gt} GTs; total jax {float(jax_total):.6g} vs upstream {float(torch_total):.6g}" + extra
+    return dict(family=family, jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms, compile_s=compile_s, notes=notes)

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import numpy as np
 
-from _bench_common import median_ms, random_targets
+from _bench_common import random_targets, result, time_jitted, time_torch
 
 STRIDES = (8, 16, 32)
 #: yolov5s P3-P5 anchors in pixels (models/yolov5s.yaml).
@@ -54,45 +53,26 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
         return jax.value_and_grad(f, has_aux=True)(p)
 
     jpreds = [jnp.asarray(p) for p in preds]
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(jpreds, targets))
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    (jax_total, _), _ = jax.block_until_ready(step(jpreds, targets))
-    warm = time.perf_counter() - t0
-    jax_ms = median_ms(lambda: jax.block_until_ready(step(jpreds, targets)), repeats)
+    ((jax_total, _), _), jax_ms, compile_s = time_jitted(step, jpreds, targets, repeats=repeats)
 
-    torch = oracles.torch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # default threads for throughput
-    try:
-        oracle = Yolov5Oracle(anchors=ANCHORS, strides=STRIDES, nc=nc, hyp=config.hyp())
-        leaves = [
-            oracles.tensor(np.ascontiguousarray(np.transpose(p, (0, 3, 1, 2, 4))), grad=True) for p in preds
-        ]
-        rows = oracles.tensor(targets.to_rows())
+    oracles.torch()  # shim + import before building the upstream objects
+    oracle = Yolov5Oracle(anchors=ANCHORS, strides=STRIDES, nc=nc, hyp=config.hyp())
+    leaves = [
+        oracles.tensor(np.ascontiguousarray(np.transpose(p, (0, 3, 1, 2, 4))), grad=True) for p in preds
+    ]
+    rows = oracles.tensor(targets.to_rows())
 
-        def torch_step():
-            for leaf in leaves:
-                leaf.grad = None
-            loss, _ = oracle.loss(leaves, rows)
-            loss.sum().backward()
-            return float(loss.item())
+    def torch_step():
+        for leaf in leaves:
+            leaf.grad = None
+        loss, _ = oracle.loss(leaves, rows)
+        loss.sum().backward()
+        return float(loss.item())
 
-        torch_total = torch_step()  # warm-up
-        torch_ms = median_ms(torch_step, max(3, repeats // 2))
-    finally:
-        torch.set_num_threads(threads)
+    torch_total, torch_ms = time_torch(torch_step, repeats=repeats)
 
-    n_gt = int(np.asarray(targets.mask).sum())
-    return dict(
-        family="yolov5",
-        jax_ms=jax_ms,
-        torch_ms=torch_ms,
-        ratio=torch_ms / jax_ms,
-        compile_s=first - warm,
-        notes=f"{n_gt} GTs; total jax {float(jax_total):.6g} vs upstream {torch_total:.6g}",
-    )
+    return result("yolov5", targets, jax_ms=jax_ms, torch_ms=torch_ms, compile_s=compile_s,
+                  jax_total=jax_total, torch_total=torch_total)
 
 
 if __name__ == "__main__":

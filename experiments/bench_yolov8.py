@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import numpy as np
 
-from _bench_common import median_ms, random_targets
+from _bench_common import random_targets, result, time_jitted, time_torch
 
 STRIDES = (8, 16, 32)
 REG_MAX = 16
@@ -76,44 +75,31 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
         return jax.value_and_grad(lambda q: yolov8_loss(q, t, strides=STRIDES, config=config), has_aux=True)(p)
 
     jpreds = [jnp.asarray(p) for p in preds]
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(jpreds, targets))
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    (jax_total, _), _ = jax.block_until_ready(step(jpreds, targets))
-    warm = time.perf_counter() - t0
-    jax_ms = median_ms(lambda: jax.block_until_ready(step(jpreds, targets)), repeats)
+    ((jax_total, _), _), jax_ms, compile_s = time_jitted(step, jpreds, targets, repeats=repeats)
 
     torch = oracles.torch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # default threads for throughput
-    try:
-        crit = make_v8_criterion(strides=STRIDES, nc=nc, reg_max=REG_MAX)
-        leaves = [oracles.nhwc_to_torch(p, grad=True) for p in preds]
-        rows = targets.to_rows()
-        batch_dict = {
-            "batch_idx": oracles.tensor(rows[:, 0]),
-            "cls": oracles.tensor(rows[:, 1:2]),
-            "bboxes": oracles.tensor(rows[:, 2:6]),
-        }
+    crit = make_v8_criterion(strides=STRIDES, nc=nc, reg_max=REG_MAX)
+    leaves = [oracles.nhwc_to_torch(p, grad=True) for p in preds]
+    rows = targets.to_rows()
+    batch_dict = {
+        "batch_idx": oracles.tensor(rows[:, 0]),
+        "cls": oracles.tensor(rows[:, 1:2]),
+        "bboxes": oracles.tensor(rows[:, 2:6]),
+    }
 
-        def torch_step():
-            for leaf in leaves:
-                leaf.grad = None
-            b, no = leaves[0].shape[:2]
-            cat = torch.cat([x.view(b, no, -1) for x in leaves], 2)
-            pd = {"boxes": cat[:, : 4 * REG_MAX], "scores": cat[:, 4 * REG_MAX :], "feats": leaves}
-            loss, _ = crit(pd, batch_dict)
-            total = loss.sum()
-            total.backward()
-            return float(total.item())
+    def torch_step():
+        for leaf in leaves:
+            leaf.grad = None
+        b, no = leaves[0].shape[:2]
+        cat = torch.cat([x.view(b, no, -1) for x in leaves], 2)
+        pd = {"boxes": cat[:, : 4 * REG_MAX], "scores": cat[:, 4 * REG_MAX :], "feats": leaves}
+        loss, _ = crit(pd, batch_dict)
+        total = loss.sum()
+        total.backward()
+        return float(total.item())
 
-        torch_total = torch_step()  # warm-up
-        torch_ms = median_ms(torch_step, max(3, repeats // 2))
-    finally:
-        torch.set_num_threads(threads)
+    torch_total, torch_ms = time_torch(torch_step, repeats=repeats)
 
-    n_gt = int(np.asarray(targets.mask).sum())
     mem = assigner_memory(batch=batch, img=img, nc=nc, max_boxes=100)
     mem_txt = (
         f"assigner at (B, M, A) = ({mem['B']}, {mem['M']}, {mem['A']}): XLA temp "
@@ -121,14 +107,8 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
         if mem["temp_mb"] is not None
         else f"one f32 (B,M,A) array = {mem['bma_f32_mb']:.1f} MB"
     )
-    return dict(
-        family="yolov8",
-        jax_ms=jax_ms,
-        torch_ms=torch_ms,
-        ratio=torch_ms / jax_ms,
-        compile_s=first - warm,
-        notes=f"{n_gt} GTs (M={max_gt}); total jax {float(jax_total):.6g} vs upstream {torch_total:.6g}; {mem_txt}",
-    )
+    return result("yolov8", targets, jax_ms=jax_ms, torch_ms=torch_ms, compile_s=compile_s,
+                  jax_total=jax_total, torch_total=torch_total, extra=f" (M={max_gt}); {mem_txt}")
 
 
 if __name__ == "__main__":
