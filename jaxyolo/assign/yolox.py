@@ -133,7 +133,10 @@ def simota(
     Args:
       pred_boxes: ``(A, 4)`` decoded predicted boxes, cxcywh **pixels**.
       obj_logits: ``(A,)`` objectness logits.
-      cls_logits: ``(A, nc)`` class logits.
+      cls_logits: ``(A, nc)`` class logits, or a list of ``(A_l, nc)`` pieces
+        that concatenate (along ``A``) to it, e.g. one per level: the class
+        cost is computed piece by piece, so the caller need not build the
+        concatenated ``(A, nc)`` array (a pure memory cost on CPU).
       anchor_points: ``(A, 2)`` ``(x, y)`` cell indices in **grid units** of each
         anchor's level (top-left, i.e. ``make_anchor_points(..., offset=0)``).
       anchor_strides: ``(A,)`` or ``(A, 1)`` pixels per cell of each anchor.
@@ -163,7 +166,19 @@ def simota(
 
     pred_boxes = _checks.float_array(pred_boxes, "pred_boxes").astype(jnp.float32)
     obj_logits = _checks.float_array(obj_logits, "obj_logits").astype(jnp.float32)
-    cls_logits = _checks.float_array(cls_logits, "cls_logits").astype(jnp.float32)
+    if isinstance(cls_logits, (list, tuple)):
+        if len(cls_logits) == 0:
+            raise ValueError("cls_logits must hold at least one (A_l, nc) piece")
+        cls_parts = [_checks.float_array(c, f"cls_logits[{i}]").astype(jnp.float32) for i, c in enumerate(cls_logits)]
+        for i, c in enumerate(cls_parts):
+            _checks.ndim(c, 2, f"cls_logits[{i}]", "(A_l, nc)")
+            if c.shape[-1] != cls_parts[0].shape[-1]:
+                raise ValueError(f"cls_logits pieces must share nc: {cls_parts[0].shape} vs {c.shape}")
+        cls_shape = (sum(c.shape[0] for c in cls_parts), cls_parts[0].shape[-1])
+    else:
+        cls_parts = [_checks.float_array(cls_logits, "cls_logits").astype(jnp.float32)]
+        _checks.ndim(cls_parts[0], 2, "cls_logits", "(A, nc)")
+        cls_shape = cls_parts[0].shape
     anchor_points = _checks.float_array(anchor_points, "anchor_points").astype(jnp.float32)
     anchor_strides = _checks.float_array(anchor_strides, "anchor_strides").astype(jnp.float32)
     gt_boxes = _checks.float_array(gt_boxes, "gt_boxes").astype(jnp.float32)
@@ -171,7 +186,6 @@ def simota(
     gt_mask = _checks.bool_array(gt_mask, "gt_mask")
     _checks.ndim(pred_boxes, 2, "pred_boxes", "(A, 4)")
     _checks.last_dim(pred_boxes, 4, "pred_boxes", "cx, cy, w, h in pixels")
-    _checks.ndim(cls_logits, 2, "cls_logits", "(A, nc)")
     _checks.ndim(anchor_points, 2, "anchor_points", "(A, 2)")
     _checks.last_dim(anchor_points, 2, "anchor_points", "x, y in grid units")
     if anchor_strides.ndim == 2 and anchor_strides.shape[-1] == 1:
@@ -182,7 +196,7 @@ def simota(
     num_anchors, num_gt_slots = pred_boxes.shape[0], gt_boxes.shape[0]
     for name, arr, shape in (
         ("obj_logits", obj_logits, (num_anchors,)),
-        ("cls_logits", cls_logits, (num_anchors, cls_logits.shape[-1])),
+        ("cls_logits", jax.ShapeDtypeStruct(cls_shape, jnp.float32), (num_anchors, cls_shape[-1])),
         ("anchor_points", anchor_points, (num_anchors, 2)),
         ("anchor_strides", anchor_strides, (num_anchors,)),
         ("gt_classes", gt_classes, (num_gt_slots,)),
@@ -190,7 +204,7 @@ def simota(
     ):
         if arr.shape != shape:
             raise ValueError(f"{name} must have shape {shape} (A={num_anchors}, M={num_gt_slots}), got {arr.shape}")
-    nc = cls_logits.shape[-1]
+    nc = cls_shape[-1]
     if nc == 0:
         raise ValueError("cls_logits must have at least one class, got shape (A, 0)")
 
@@ -204,7 +218,8 @@ def simota(
         )
 
     sg = jax.lax.stop_gradient
-    pred_boxes, obj_logits, cls_logits, gt_boxes = sg(pred_boxes), sg(obj_logits), sg(cls_logits), sg(gt_boxes)
+    pred_boxes, obj_logits, gt_boxes = sg(pred_boxes), sg(obj_logits), sg(gt_boxes)
+    cls_parts = [sg(c) for c in cls_parts]
 
     # 1. geometry (M, A); float32 operation order follows upstream.
     s = anchor_strides[None, :]
@@ -236,9 +251,21 @@ def simota(
     # 2. cost (M, A)
     iou = _pairwise_iou(gt_boxes, pred_boxes)  # (M, A)
     iou_cost = -jnp.log(iou + 1e-8)
-    p = jnp.sqrt(jax.nn.sigmoid(cls_logits) * jax.nn.sigmoid(obj_logits)[:, None])  # (A, nc)
-    cls_cost_all_neg = jnp.sum(-_bce_log(1.0 - p), axis=-1)  # (A,): BCE against all-zero targets
-    p_gt = jnp.take(p, jnp.clip(gt_classes, 0, nc - 1), axis=1).T  # (M, A): p at each GT's class
+    # Per piece: the (A_l,) all-negative class cost and the (M, A_l) logits at
+    # each GT's class.  p at the GT's class is recomputed from the gathered
+    # *logits*: gathering p itself makes XLA materialise the whole (A, nc) p,
+    # and the (A, nc) pass is memory-bound on CPU.
+    obj_sig = jax.nn.sigmoid(obj_logits)
+    gt_cls = jnp.clip(gt_classes, 0, nc - 1)
+    all_neg, logit_gt, start = [], [], 0
+    for c in cls_parts:
+        p = jnp.sqrt(jax.nn.sigmoid(c) * obj_sig[start : start + c.shape[0], None])  # (A_l, nc)
+        all_neg.append(jnp.sum(-_bce_log(1.0 - p), axis=-1))  # BCE against all-zero targets
+        logit_gt.append(jnp.take(c, gt_cls, axis=1).T)
+        start += c.shape[0]
+    cls_cost_all_neg = jnp.concatenate(all_neg)  # (A,)
+    logit_gt = jnp.concatenate(logit_gt, axis=1)  # (M, A)
+    p_gt = jnp.sqrt(jax.nn.sigmoid(logit_gt) * obj_sig[None, :])
     correction = -_bce_log(p_gt) - -_bce_log(1.0 - p_gt)  # swap that class's term to target 1
     cls_cost = cls_cost_all_neg[None, :] + correction
     cost = (cls_cost + cost_iou_weight * iou_cost) + geometry_penalty * (~geometry).astype(jnp.float32)
