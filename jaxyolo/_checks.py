@@ -79,3 +79,31 @@ def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def level_list(preds, name: str, layout: str) -> list:
+    """Validate a per-level prediction list and return its levels as float32.
+
+    ``preds`` must be a non-empty list/tuple (a sequence of arrays, one per
+    level; a single stacked array is a ``TypeError`` because levels have
+    different H, W).  ``layout`` names the per-level shape for the message,
+    e.g. ``"(B, H, W, 5 + nc)"``.
+    """
+    if isinstance(preds, (jnp.ndarray, np.ndarray)) or not isinstance(preds, Sequence):
+        raise TypeError(f"{name} must be a list/tuple (sequence) of per-level {layout} arrays, got {type(preds).__name__}")
+    if len(preds) == 0:
+        raise ValueError(f"{name} must hold at least one level of {layout}")
+    return [float_array(p, f"{name}[{i}]").astype(jnp.float32) for i, p in enumerate(preds)]
+
+
+def levels_agree(levels, name: str, channels: str) -> None:
+    """Every level shares the batch size (axis 0) and channel count (last axis);
+    ``channels`` names the channel layout for the message, e.g. ``"5 + nc"``."""
+    b, c = levels[0].shape[0], levels[0].shape[-1]
+    for i, p in enumerate(levels):
+        if p.shape[0] != b:
+            raise ValueError(f"{name}[{i}] has batch size {p.shape[0]} but {name}[0] has {b}; levels must share B")
+        if p.shape[-1] != c:
+            raise ValueError(
+                f"{name}[{i}] has {p.shape[-1]} channels but {name}[0] has {c}; levels must share B and {channels}"
+            )

@@ -57,7 +57,6 @@ Upstream quirks, named once:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -246,21 +245,14 @@ _dfl_per_side.defvjp(_dfl_per_side_fwd, _dfl_per_side_bwd)
 
 
 def _check_preds(preds, strides, reg_max, nc):
-    if isinstance(preds, (jnp.ndarray, np.ndarray)) or not isinstance(preds, Sequence):
-        raise TypeError("preds must be a sequence of per-level (B, H, W, 4*reg_max + nc) arrays")
-    if len(preds) == 0 or len(preds) != len(strides):
-        raise ValueError(f"preds has {len(preds)} levels but strides has {len(strides)}")
-    out = []
-    for i, p in enumerate(preds):
-        p = _checks.float_array(p, f"preds[{i}]")
-        _checks.ndim(p, 4, f"preds[{i}]", "(B, H, W, 4*reg_max + nc)")
-        out.append(p.astype(jnp.float32))
-    b, c = out[0].shape[0], out[0].shape[-1]
+    layout = "(B, H, W, 4*reg_max + nc)"
+    out = _checks.level_list(preds, "preds", layout)
+    if len(out) != len(strides):
+        raise ValueError(f"preds has {len(out)} levels but strides has {len(strides)}")
     for i, p in enumerate(out):
-        if p.shape[0] != b:
-            raise ValueError(f"preds[{i}] has batch {p.shape[0]} but preds[0] has {b}")
-        if p.shape[-1] != c:
-            raise ValueError(f"preds[{i}] has {p.shape[-1]} channels but preds[0] has {c}; levels must agree")
+        _checks.ndim(p, 4, f"preds[{i}]", layout)
+    _checks.levels_agree(out, "preds", "4*reg_max + nc")
+    c = out[0].shape[-1]
     h0, w0 = out[0].shape[1:3]
     for i, (p, st) in enumerate(zip(out, strides)):
         want = (-(-(h0 * strides[0]) // st), -(-(w0 * strides[0]) // st))

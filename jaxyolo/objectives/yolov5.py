@@ -169,12 +169,9 @@ def scale_yolov5_hyp(hyp, *, nc: int, num_levels: int = 3, img_size: int = 640):
 
 def _split_levels(preds, na):
     """Validate the prediction levels; returns ``[(B, H, W, na, 5 + nc)] float32`` and nc."""
-    if isinstance(preds, (jax.Array,)) or not isinstance(preds, Sequence) or len(preds) == 0:
-        raise TypeError("preds must be a non-empty list of per-level arrays (B, H, W, na, 5 + nc)")
     out = []
-    for i, p in enumerate(preds):
+    for i, p in enumerate(_checks.level_list(preds, "preds", "(B, H, W, na, 5 + nc)")):
         name = f"preds[{i}]"
-        p = _checks.float_array(p, name)
         if p.ndim == 4:
             c = p.shape[-1]
             if c % na or c // na < 6:
@@ -188,11 +185,8 @@ def _split_levels(preds, na):
             raise ValueError(f"{name} has {p.shape[3]} anchors on axis 3 but anchors define na = {na}")
         if p.shape[4] < 6:
             raise ValueError(f"{name} must have 5 + nc channels with nc >= 1, got {p.shape[4]}")
-        if out and (p.shape[0] != out[0].shape[0] or p.shape[4] != out[0].shape[4]):
-            raise ValueError(
-                f"{name} {tuple(p.shape)} disagrees with preds[0] {tuple(out[0].shape)} on batch size or channels"
-            )
-        out.append(p.astype(jnp.float32))
+        out.append(p)
+    _checks.levels_agree(out, "preds", "na and 5 + nc")
     return out, out[0].shape[4] - 5
 
 

@@ -94,22 +94,15 @@ class YoloxLossConfig:
 
 
 def _level_shapes(preds, strides, image_size):
-    if isinstance(preds, jax.Array) or not isinstance(preds, (list, tuple)):
-        raise TypeError("preds must be a list/tuple of per-level (B, H, W, 5 + nc) arrays")
-    if len(preds) == 0:
-        raise ValueError("preds must hold at least one level")
+    preds = _checks.level_list(preds, "preds", "(B, H, W, 5 + nc)")
     strides = tuple(strides)
     if len(strides) != len(preds):
         raise ValueError(f"strides must have one entry per level: {len(preds)} levels, {len(strides)} strides")
-    preds = [_checks.float_array(p, f"preds[{i}]").astype(jnp.float32) for i, p in enumerate(preds)]
     for i, p in enumerate(preds):
         _checks.ndim(p, 4, f"preds[{i}]", "(B, H, W, 5 + nc)")
         if p.shape[-1] < 6:
             raise ValueError(f"preds[{i}] must have 5 + nc channels (x, y, w, h, obj, cls...) with nc >= 1, got {p.shape}")
-        if p.shape[0] != preds[0].shape[0] or p.shape[-1] != preds[0].shape[-1]:
-            raise ValueError(
-                f"every level must share B and 5 + nc: preds[0] {preds[0].shape} vs preds[{i}] {p.shape}"
-            )
+    _checks.levels_agree(preds, "preds", "5 + nc")
     if image_size is None:
         sizes = {(p.shape[1] * s, p.shape[2] * s) for p, s in zip(preds, strides)}
         if len(sizes) != 1:
