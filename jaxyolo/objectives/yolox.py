@@ -231,11 +231,20 @@ def yolox_loss(
     gt_boxes = targets.boxes * scale  # (B, M, 4) pixels
     gt_mask = targets.mask
 
-    assign_fn = jax.vmap(
-        lambda b, o, c, g, k, m: simota(
+    # One image at a time (``lax.map``, not ``vmap``): every (M, A) and
+    # (A_l, nc) intermediate of SimOTA is then a per-image buffer of ~1-2 MB
+    # that XLA reuses across images and calls, instead of a (B, M, A) array
+    # freshly allocated (and page-faulted) on every call: ~25% faster on CPU.
+    # The class logits enter as the raw (A_l, 5 + nc) level rows and are
+    # sliced inside, so no (B, A_l, nc) copy is made either.
+    level_rows = tuple(p.reshape(batch, p.shape[1] * p.shape[2], 5 + nc) for p in preds)
+
+    def assign_one(args):
+        b, o, rows, g, k, m = args
+        return simota(
             b,
             o,
-            c,
+            [r[:, 5:] for r in rows],
             grid,
             stride,
             g,
@@ -248,8 +257,8 @@ def yolox_loss(
             variant=config.variant,
             strict_conflicts=config.strict_conflicts,
         )
-    )
-    assignment = assign_fn(boxes, obj, cls, gt_boxes, targets.classes, gt_mask)
+
+    assignment = jax.lax.map(assign_one, (boxes, obj, level_rows, gt_boxes, targets.classes, gt_mask))
     fg = assignment.fg_mask  # (B, A)
     gt_idx = jnp.maximum(assignment.matched_gt, 0)  # (B, A), 0 for background (masked away)
     matched_boxes = jnp.take_along_axis(gt_boxes, gt_idx[..., None], axis=1)  # (B, A, 4)
