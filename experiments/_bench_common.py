@@ -50,6 +50,22 @@ def time_jitted(step, *args, repeats):
     return out, ms, first - warm
 
 
+def gradient_floor_ms(preds, *, repeats):
+    """Median ms of the cheapest jitted ``value_and_grad`` with a dense gradient
+    of the prediction shapes: the loss ``sum(p[..., 0])`` over every level.
+
+    Any loss that returns ``d loss / d preds`` must at least write that
+    gradient (a fresh buffer of the predictions' size) and read the inputs;
+    this measures that floor on the same arrays, so ``upstream ms / floor ms``
+    is the largest speed-up a ``value_and_grad`` can show on this machine.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    step = jax.jit(jax.value_and_grad(lambda ps: sum(jnp.sum(p[..., 0]) for p in ps)))
+    return time_jitted(step, preds, repeats=repeats)[1]
+
+
 def time_torch(torch_step, *, repeats):
     """Time an upstream forward+backward with torch's default (all-core) threads:
     ``(result of a warm-up call, median ms)``.  The one-thread setting of the
@@ -68,8 +84,13 @@ def time_torch(torch_step, *, repeats):
         torch.set_num_threads(threads)
 
 
-def result(family, targets, *, jax_ms, torch_ms, compile_s, jax_total, torch_total, extra=""):
-    """The dict ``bench_losses.py`` prints, with both totals as a same-inputs check."""
+def result(family, targets, *, jax_ms, torch_ms, compile_s, jax_total, torch_total, floor_ms, extra=""):
+    """The dict ``bench_losses.py`` prints, with both totals as a same-inputs check
+    and the dense-gradient floor (:func:`gradient_floor_ms`)."""
     n_gt = int(np.asarray(targets.mask).sum())
-    notes = f"{n_gt} GTs; total jax {float(jax_total):.6g} vs upstream {float(torch_total):.6g}" + extra
-    return dict(family=family, jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms, compile_s=compile_s, notes=notes)
+    notes = (
+        f"{n_gt} GTs; total jax {float(jax_total):.6g} vs upstream {float(torch_total):.6g}; "
+        f"dense-gradient floor {floor_ms:.1f} ms (at most {torch_ms / floor_ms:.1f}x here)" + extra
+    )
+    return dict(family=family, jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms, compile_s=compile_s,
+                floor_ms=floor_ms, notes=notes)

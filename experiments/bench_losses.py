@@ -5,7 +5,10 @@
 
 Each family lives in ``experiments/bench_<family>.py`` and exposes
 ``bench(*, batch, img, nc, max_gt, repeats, seed) -> dict`` with keys
-``family, jax_ms, torch_ms, ratio, compile_s`` (+ optional ``notes``).
+``family, jax_ms, torch_ms, ratio, compile_s, floor_ms`` (+ optional ``notes``).
+The floor is the cheapest jitted ``value_and_grad`` that writes a dense gradient
+of the same predictions (``_bench_common.gradient_floor_ms``); the last column,
+upstream / floor, is the largest speed-up any such function can show here.
 Medians over ``repeats`` timed calls after one warm-up; the JAX time blocks on
 the result (``block_until_ready``); torch uses its default threads (the loss
 benchmark compares CPU throughput, not the one-thread parity setting).
@@ -46,9 +49,11 @@ def main(argv=None) -> int:
             )
         )
     print()
-    print(f"{'loss':8s} {'jaxyolo ms':>11s} {'upstream ms':>12s} {'speed-up':>9s} {'compile s':>10s}")
+    print(f"{'loss':8s} {'jaxyolo ms':>11s} {'upstream ms':>12s} {'speed-up':>9s} {'compile s':>10s} "
+          f"{'floor ms':>9s} {'max speed-up':>13s}")
     for r in rows:
-        print(f"{r['family']:8s} {r['jax_ms']:11.1f} {r['torch_ms']:12.1f} {r['ratio']:8.1f}x {r['compile_s']:10.2f}")
+        print(f"{r['family']:8s} {r['jax_ms']:11.1f} {r['torch_ms']:12.1f} {r['ratio']:8.1f}x {r['compile_s']:10.2f} "
+              f"{r['floor_ms']:9.1f} {r['torch_ms'] / r['floor_ms']:12.1f}x")
         if r.get("notes"):
             print(f"         {r['notes']}")
     return 0

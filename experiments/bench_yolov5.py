@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from _bench_common import random_targets, result, time_jitted, time_torch
+from _bench_common import gradient_floor_ms, random_targets, result, time_jitted, time_torch
 
 STRIDES = (8, 16, 32)
 #: yolov5s P3-P5 anchors in pixels (models/yolov5s.yaml).
@@ -54,6 +54,7 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
 
     jpreds = [jnp.asarray(p) for p in preds]
     ((jax_total, _), _), jax_ms, compile_s = time_jitted(step, jpreds, targets, repeats=repeats)
+    floor_ms = gradient_floor_ms(jpreds, repeats=repeats)
 
     oracles.torch()  # shim + import before building the upstream objects
     oracle = Yolov5Oracle(anchors=ANCHORS, strides=STRIDES, nc=nc, hyp=config.hyp())
@@ -71,7 +72,7 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
 
     torch_total, torch_ms = time_torch(torch_step, repeats=repeats)
 
-    return result("yolov5", targets, jax_ms=jax_ms, torch_ms=torch_ms, compile_s=compile_s,
+    return result("yolov5", targets, jax_ms=jax_ms, torch_ms=torch_ms, compile_s=compile_s, floor_ms=floor_ms,
                   jax_total=jax_total, torch_total=torch_total)
 
 

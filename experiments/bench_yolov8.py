@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from _bench_common import random_targets, result, time_jitted, time_torch
+from _bench_common import gradient_floor_ms, random_targets, result, time_jitted, time_torch
 
 STRIDES = (8, 16, 32)
 REG_MAX = 16
@@ -76,6 +76,7 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
 
     jpreds = [jnp.asarray(p) for p in preds]
     ((jax_total, _), _), jax_ms, compile_s = time_jitted(step, jpreds, targets, repeats=repeats)
+    floor_ms = gradient_floor_ms(jpreds, repeats=repeats)
 
     torch = oracles.torch()
     crit = make_v8_criterion(strides=STRIDES, nc=nc, reg_max=REG_MAX)
@@ -107,7 +108,7 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
         if mem["temp_mb"] is not None
         else f"one f32 (B,M,A) array = {mem['bma_f32_mb']:.1f} MB"
     )
-    return result("yolov8", targets, jax_ms=jax_ms, torch_ms=torch_ms, compile_s=compile_s,
+    return result("yolov8", targets, jax_ms=jax_ms, torch_ms=torch_ms, compile_s=compile_s, floor_ms=floor_ms,
                   jax_total=jax_total, torch_total=torch_total, extra=f" (M={max_gt}); {mem_txt}")
 
 
