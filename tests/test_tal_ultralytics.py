@@ -77,6 +77,16 @@ def test_reg_max_8(oracles, rng):
     _case(oracles, rng, reg_max=8, config=TalLossConfig(reg_max=8))
 
 
+@pytest.mark.parametrize("nc, reg_max", [(16, 16), (80, 16), (8, 8)])
+def test_channels_divisible_by_reg_max(oracles, rng, nc, reg_max):
+    # 4*reg_max + nc divisible by reg_max: the level gradient is written as (G, reg_max) channel groups
+    # (the other tests, nc = 1 or 3, take the plain concatenation)
+    _case(oracles, rng, nc=nc, reg_max=reg_max, config=TalLossConfig(reg_max=reg_max), counts=[12, 0, 25, 7])
+    cw = tuple(float(w) for w in rng.uniform(0.2, 2.0, nc))
+    _case(oracles, rng, nc=nc, reg_max=reg_max, config=TalLossConfig(reg_max=reg_max, class_weights=cw),
+          counts=[3, 9, 30, 1])
+
+
 def test_topk2_gains_and_class_weights(oracles, rng):
     cfg = TalLossConfig(topk=10, topk2=5, box=5.0, cls=1.0, dfl=2.0, class_weights=(0.5, 1.0, 2.0))
     _case(oracles, rng, config=cfg, counts=[10, 20, 5, 0])

@@ -61,6 +61,16 @@ def test_reg_max_8(rng):
     _case(rng, reg_max=8, config=TalLossConfig(preset="yolov9", reg_max=8))
 
 
+@pytest.mark.parametrize("config", [
+    TalLossConfig(preset="yolov9"),
+    TalLossConfig(preset="yolov9", cls_pw=2.0, fl_gamma=1.5),
+], ids=["bce", "cls_pw_focal"])
+def test_channels_divisible_by_reg_max(rng, config):
+    # 4*reg_max + nc divisible by reg_max: the grouped-channel gradient, with the fused BCE and
+    # with a class loss added by autodiff on top of it
+    _case(rng, nc=16, config=config, counts=[12, 0, 25, 7])
+
+
 def test_cls_pw_and_focal(rng):
     _case(rng, config=TalLossConfig(preset="yolov9", cls_pw=2.0, fl_gamma=1.5), counts=[5, 9, 0, 12])
 
