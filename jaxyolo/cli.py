@@ -47,11 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=d.eval_every)
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (with a checkpoint)")
     t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="bf16: convolutions and activations in bfloat16 (parameters, optimiser, EMA, BatchNorm statistics and losses in float32)")
+    t.add_argument("--log-every", type=int, default=50, help="fetch the logged values from the device every N steps (steps.csv: one row per N steps)")
+    t.add_argument("--devices", type=int, default=None, help="data-parallel over the first N local devices (default: all devices)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint's EMA model on its val split")
     e.add_argument("--checkpoint", required=True, help="a run directory (or its checkpoints/ folder)")
     e.add_argument("--batch", type=int, default=None)
+    e.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
     return p
 
 
@@ -80,12 +84,14 @@ def _pick_out(args) -> Path:
 def _train(args) -> int:
     from jaxyolo.data import DataError
     from jaxyolo.train import TrainConfig, train
+    from jaxyolo.train.checkpoint import RunLockedError
 
     try:
         cfg = TrainConfig(
             loss=args.loss, data=args.data, nc=args.nc, epochs=args.epochs, img_size=args.img_size, batch=args.batch,
             model_size=args.model_size, optimizer=args.optimizer, lr0=args.lr0, train_size=args.train_size,
             val_size=args.val_size, max_boxes=args.max_boxes, eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed,
+            precision=args.precision,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -95,8 +101,8 @@ def _train(args) -> int:
     else:
         print(f"jaxyolo train: {out}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in ('loss', 'data', 'epochs', 'img_size', 'batch', 'model_size', 'optimizer', 'lr0'))})", flush=True)
     try:
-        train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except (DataError, FileNotFoundError) as e:
+        train(cfg, out, resume=args.resume, progress=not args.no_progress, log_every=args.log_every, devices=args.devices)
+    except (DataError, FileNotFoundError, RunLockedError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0
 
@@ -106,8 +112,8 @@ def _eval(args) -> int:
     from jaxyolo.train import evaluate_checkpoint
 
     try:
-        evaluate_checkpoint(args.checkpoint, batch_size=args.batch)
-    except (DataError, FileNotFoundError) as e:
+        evaluate_checkpoint(args.checkpoint, batch_size=args.batch, devices=args.devices)
+    except (DataError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0
 

@@ -1,21 +1,19 @@
-"""Data: the embedded dataset, static-shape grain batching, flips, YOLO directories."""
+"""Data: the embedded dataset, the input pipeline (batches, prefetch), YOLO directories."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from jaxyolo import Targets
 from jaxyolo.data import (
     SHAPE_CLASSES,
     DataError,
-    collate,
+    Prefetcher,
+    TrainBatches,
+    epoch_permutation,
     eval_batches,
-    hflip,
-    iterate,
     load_embedded,
     load_yolo_dir,
     render_shapes_image,
-    train_batches,
 )
 
 
@@ -73,48 +71,100 @@ def test_labels_are_tight_boxes():
 
 
 def test_static_shape_batches_and_resume(shapes):
-    ds = train_batches(shapes, batch_size=16, max_boxes=12, seed=0, epoch=3)
-    assert len(ds) == len(shapes) // 16
-    first = ds[5]
-    images, targets = collate(first)
-    assert images.shape == (16, 128, 128, 3) and images.dtype == np.uint8
-    assert targets.boxes.shape == (16, 12, 4) and targets.classes.shape == (16, 12) and targets.mask.shape == (16, 12)
-    assert isinstance(targets, Targets)
+    tb = TrainBatches(shapes, batch_size=16, max_boxes=12, seed=0)
+    assert tb.steps_per_epoch == len(shapes) // 16
+    first = tb.batch(3, 5)
+    assert first["image"].shape == (16, 128, 128, 3) and first["image"].dtype == np.uint8
+    assert first["boxes"].shape == (16, 12, 4) and first["classes"].shape == (16, 12) and first["mask"].shape == (16, 12)
+    # Batch k of epoch e is rows k*B..(k+1)*B of the epoch's permutation, gathered with labels.
+    idx = epoch_permutation(len(shapes), seed=0, epoch=3)[5 * 16 : 6 * 16]
+    np.testing.assert_array_equal(first["image"], shapes.images[idx])
+    for row, i in enumerate(idx):
+        lab = shapes.labels[i][:12]
+        np.testing.assert_array_equal(first["mask"][row], np.arange(12) < len(lab))
+        np.testing.assert_array_equal(first["boxes"][row, : len(lab)], lab[:, 1:])
+        np.testing.assert_array_equal(first["classes"][row, : len(lab)], lab[:, 0].astype(int))
     # Padded rows are zero, real rows come first.
-    m = targets.mask
+    m = first["mask"]
     assert np.all(np.diff(m.astype(int), axis=1) <= 0)
-    assert np.all(targets.boxes[~m] == 0)
-    # Random access == iterating from that batch (what --resume relies on).
-    again = next(iterate(ds, 5))
+    assert np.all(first["boxes"][~m] == 0)
+    # A fresh pipeline (a resumed process) gives the identical batch at the same position.
+    again = TrainBatches(shapes, batch_size=16, max_boxes=12, seed=0).batch(3, 5)
     for k in first:
         np.testing.assert_array_equal(first[k], again[k])
-    # Another epoch is another order.
-    other = train_batches(shapes, batch_size=16, max_boxes=12, seed=0, epoch=4)[5]
-    assert not np.array_equal(first["image"], other["image"])
+    # Another epoch is another order; another seed too.
+    assert not np.array_equal(first["image"], tb.batch(4, 5)["image"])
+    assert not np.array_equal(first["image"], TrainBatches(shapes, batch_size=16, max_boxes=12, seed=1).batch(3, 5)["image"])
+    # Each epoch visits every image at most once (the last partial batch dropped).
+    seen = np.concatenate([tb.indices(2, k) for k in range(tb.steps_per_epoch)])
+    assert len(np.unique(seen)) == len(seen) == tb.steps_per_epoch * 16
 
 
-def test_hflip():
-    img = np.zeros((32, 32, 3), np.uint8)
-    img[4:12, 2:10] = 255  # box x in [2, 10), y in [4, 12)
-    ex = {"image": img, "boxes": np.array([[6 / 32, 8 / 32, 8 / 32, 8 / 32], [0, 0, 0, 0]], np.float32),
-          "classes": np.array([1, 0], np.int32), "mask": np.array([True, False])}
+def test_batches_split_across_processes(shapes):
+    whole = TrainBatches(shapes, batch_size=16, max_boxes=12, seed=0).batch(1, 2)
+    parts = [TrainBatches(shapes, batch_size=16, max_boxes=12, seed=0, process_index=p, process_count=4).batch(1, 2) for p in range(4)]
+    for k in whole:
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        TrainBatches(shapes, batch_size=16, max_boxes=12, seed=0, process_count=3)
+    with pytest.raises(ValueError, match="fewer than batch=400"):
+        TrainBatches(shapes, batch_size=400, max_boxes=12, seed=0)
 
-    class Always:
-        def uniform(self):
-            return 0.0
 
-    out = hflip(ex, Always(), 0.5)
-    ys, xs = np.nonzero(out["image"][..., 0])
-    assert xs.min() == 32 - 10 and xs.max() == 32 - 2 - 1
-    np.testing.assert_allclose(out["boxes"][0], [1 - 6 / 32, 8 / 32, 8 / 32, 8 / 32])
-    np.testing.assert_array_equal(out["boxes"][1], 0)  # padding untouched
-    cx = out["boxes"][0, 0] * 32
-    assert cx - 4 == xs.min() and cx + 4 == xs.max() + 1
+def test_positions_cross_epochs_and_stop():
+    class D:
+        images, labels = np.zeros((10, 1, 1, 3), np.uint8), tuple(np.zeros((0, 5), np.float32) for _ in range(10))
+
+        def __len__(self):
+            return 10
+
+    tb = TrainBatches(D(), batch_size=3, max_boxes=2, seed=0)  # 3 batches per epoch
+    assert list(tb.positions(0, 2, epochs=2)) == [(0, 2), (1, 0), (1, 1), (1, 2)]
+    assert list(tb.positions(1, 1, epochs=3, max_steps=6, done=4)) == [(1, 1), (1, 2)]
+    assert list(tb.positions(2, 0, epochs=2)) == []
+
+
+def test_prefetcher_order_errors_and_close():
+    import threading
+
+    import jax
+
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    src = ((i, {"x": np.full((2,), i)}) for i in range(7))
+    with Prefetcher(src, sharding=sh, depth=2) as pf:
+        got = [(t, b["x"]) for t, b in pf]
+    assert [(t, int(x[0])) for t, x in got] == [(i, i) for i in range(7)]
+    assert all(isinstance(x, jax.Array) and x.sharding == sh for _, x in got)  # on the device, with the sharding
+
+    def bad():
+        yield 0, {"x": np.zeros(1)}
+        raise RuntimeError("decode failed")
+
+    with Prefetcher(bad(), sharding=sh, depth=2) as pf, pytest.raises(RuntimeError, match="decode failed"):
+        list(pf)
+    # Leaving early stops the thread, which must not keep gathering.
+    made = []
+
+    def endless():
+        i = 0
+        while True:
+            made.append(i)
+            yield i, {"x": np.zeros(1)}
+            i += 1
+
+    with Prefetcher(endless(), sharding=sh, depth=2) as pf:
+        next(iter(pf))
+    assert not any(t.name == "jaxyolo-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(made) <= 5  # one consumed + at most depth queued + one in hand
 
 
 def test_eval_batches_pad_the_last_batch(shapes):
-    sizes = [(b["image"].shape[0], n) for b, n in eval_batches(shapes, batch_size=64, max_boxes=12)]
+    got = list(eval_batches(shapes, batch_size=64, max_boxes=12))
+    sizes = [(b["image"].shape[0], n) for b, n in got]
     assert sizes[:-1] == [(64, 64)] * 4 and sizes[-1] == (64, 300 - 256)
+    last, n = got[-1]
+    assert not last["mask"][n:].any()  # padding images carry no labels
+    np.testing.assert_array_equal(last["image"][:n], shapes.images[256:])
 
 
 # ------------------------------------------------------------ YOLO dirs

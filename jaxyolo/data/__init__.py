@@ -1,31 +1,21 @@
-"""Data: the embedded shapes dataset, YOLO-format directories, grain batching."""
+"""Data: the embedded shapes dataset, YOLO-format directories, the input pipeline."""
 
-from jaxyolo.data.dataset import (
-    DataError,
-    DetectionData,
-    collate,
-    eval_batches,
-    hflip,
-    iterate,
-    load_data,
-    load_embedded,
-    load_yolo_dir,
-    train_batches,
-)
+from jaxyolo.data.dataset import DataError, DetectionData, load_data, load_embedded, load_yolo_dir
+from jaxyolo.data.pipeline import Prefetcher, TrainBatches, epoch_permutation, eval_batches, pad_labels
 from jaxyolo.data.shapes import SHAPE_CLASSES, make_shapes_dataset, render_shapes_image
 
 __all__ = [
     "SHAPE_CLASSES",
     "DataError",
     "DetectionData",
-    "collate",
+    "Prefetcher",
+    "TrainBatches",
+    "epoch_permutation",
     "eval_batches",
-    "hflip",
-    "iterate",
     "load_data",
     "load_embedded",
     "load_yolo_dir",
     "make_shapes_dataset",
+    "pad_labels",
     "render_shapes_image",
-    "train_batches",
 ]

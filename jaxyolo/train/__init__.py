@@ -1,8 +1,9 @@
-"""Training: config, optax optimiser/schedule/EMA, the jitted loop, checkpoints."""
+"""Training: config, optax optimiser/schedule/EMA, the jitted sharded step, the loop, checkpoints."""
 
 from jaxyolo.train.config import LOSSES, TrainConfig
-from jaxyolo.train.loop import Session, evaluate_checkpoint, make_objective, train
+from jaxyolo.train.loop import evaluate_checkpoint, load_session, train
 from jaxyolo.train.optim import decay_mask, ema_decay, ema_tau_for, lr_schedule, make_optimizer
+from jaxyolo.train.step import Session, make_objective
 
 __all__ = [
     "LOSSES",
@@ -12,6 +13,7 @@ __all__ = [
     "ema_decay",
     "ema_tau_for",
     "evaluate_checkpoint",
+    "load_session",
     "lr_schedule",
     "make_objective",
     "make_optimizer",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-__all__ = ["TrainConfig", "LOSSES", "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["TrainConfig", "LOSSES", "OPTIMIZERS", "PRECISIONS", "SCHEDULES"]
 
 LOSSES = ("yolov8", "yolov5", "yolox")
+PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "linear")
 
@@ -40,7 +41,10 @@ class TrainConfig:
       grad_clip: max global gradient norm (None: no clipping).
       ema_decay, ema_tau: ModelEMA ``d = ema_decay * (1 - exp(-updates / tau))``;
         ``ema_tau=None`` picks ``total_steps / 5`` (see :func:`ema_tau_for`).
-      flip: horizontal flip probability.
+      flip: horizontal flip probability (drawn on the device from ``(seed, step)``).
+      precision: ``"fp32"`` or ``"bf16"``: convolutions and activations in
+        bfloat16; parameters, optimiser state, EMA and BatchNorm statistics
+        in float32, and the losses computed in float32.
       seed: model init and data order.
       conf_thres, iou_thres, max_det: evaluation NMS.
       eval_every: evaluate mAP every this many epochs (and always at the end).
@@ -71,6 +75,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_tau: float | None = None
     flip: float = 0.5
+    precision: str = "fp32"
     seed: int = 0
     conf_thres: float = 0.001
     iou_thres: float = 0.7
@@ -79,7 +84,7 @@ class TrainConfig:
     max_steps: int | None = None
 
     def __post_init__(self):
-        for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("epochs", "img_size", "batch", "max_boxes", "train_size", "val_size", "nbs", "max_det", "eval_every"):

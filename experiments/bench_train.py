@@ -1,0 +1,108 @@
+"""How much of the training loop's time is the train step itself?
+
+    python experiments/bench_train.py --tiny                 # pico, 64 px, batch 8
+    python experiments/bench_train.py                        # the default `jaxyolo train` config
+    python experiments/bench_train.py --model-size small --img-size 640 --batch 32
+
+Prints, for one config, on JAX's default backend:
+
+(a) the bare jitted train step, called back to back on one device-resident
+    batch (ms per step, blocked at the end);
+(b) the real loop, ``jaxyolo.train.train``: the input pipeline with its
+    background prefetch, on-device augmentation, the EMA, the logging (every
+    ``--log-every`` steps) and the epoch-end checkpoints, timed between its
+    log points over ``--steps`` steps after ``--warmup`` steps (ms per step);
+(c) the input pipeline alone: gather + transfer of ``--steps`` batches
+    through the prefetcher (batches per second);
+
+and last ``efficiency X`` with X = (a) / (b): 1.0 means the loop adds nothing
+to the step.  Evaluation (mAP) is not part of the loop timed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="pico, 64 px, batch 8 (a step of a few ms: host overhead shows)")
+    p.add_argument("--loss", default="yolov8", choices=("yolov8", "yolov5", "yolox"))
+    p.add_argument("--model-size", default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--steps", type=int, default=200, help="timed steps (>= 200 for the figure the README quotes)")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--devices", type=int, default=None)
+    args = p.parse_args(argv)
+
+    import jax
+
+    from jaxyolo.data import Prefetcher, TrainBatches, load_embedded
+    from jaxyolo.train import Session, TrainConfig, train
+
+    base = TrainConfig()
+    if args.tiny:
+        base = dataclasses.replace(base, model_size="pico", img_size=64, batch=8)
+    over = {k: v for k, v in (("model_size", args.model_size), ("img_size", args.img_size), ("batch", args.batch)) if v is not None}
+    total = args.warmup + args.steps
+    if args.steps % args.log_every or args.warmup % args.log_every:
+        raise SystemExit("error: --steps and --warmup must be multiples of --log-every (the loop is timed between log points)")
+    # Enough images that the timed steps stay inside training (no run end); eval only at the end.
+    cfg = dataclasses.replace(base, loss=args.loss, precision=args.precision, eval_every=10**6, **over)
+    cfg = dataclasses.replace(cfg, epochs=max(1, -(-total // max(cfg.train_size // cfg.batch, 1))) + 1, max_steps=total)
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} devices), {os.cpu_count()} CPU cores")
+    print(f"config: loss={cfg.loss} model={cfg.model_size} img={cfg.img_size} batch={cfg.batch} precision={cfg.precision} "
+          f"train_size={cfg.train_size} log_every={args.log_every}; {args.warmup} warm-up + {args.steps} timed steps")
+
+    train_data = load_embedded("train", img_size=cfg.img_size, size=cfg.train_size)
+    val_data = load_embedded("val", img_size=cfg.img_size, size=cfg.batch)
+    batches = TrainBatches(train_data, batch_size=cfg.batch, max_boxes=cfg.max_boxes, seed=cfg.seed)
+
+    # (b) the real loop first (its compile is in the warm-up), timed between log points.
+    with tempfile.TemporaryDirectory() as out:
+        res = train(cfg, out, progress=False, log=lambda *_: None, data=(train_data, val_data), log_every=args.log_every, devices=args.devices)
+    times = dict(res["log_times"])
+    loop_ms = (times[total] - times[args.warmup]) / args.steps * 1e3
+
+    # (a) the bare step: the same compiled function on one device-resident batch.
+    from jaxyolo import parallel
+
+    session = Session(cfg, nc=train_data.nc, steps_per_epoch=batches.steps_per_epoch, mesh=parallel.make_mesh(args.devices), log_every=args.log_every)
+    batch = jax.device_put(batches.batch(0, 0), session.batch_sharding)
+    state, ema, acc = session.state, session.ema, session.new_acc()
+    for _ in range(5):
+        state, ema, acc = session.train_step(state, ema, acc, batch)
+    jax.block_until_ready(acc)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, ema, acc = session.train_step(state, ema, acc, batch)
+    jax.block_until_ready(acc)
+    step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+
+    # (c) the pipeline alone: gather + prefetched transfer.
+    positions = batches.positions(0, 0, epochs=10**6, max_steps=args.steps)
+    t0 = time.perf_counter()
+    with Prefetcher(((pos, batches.batch(*pos)) for pos in positions), sharding=session.batch_sharding) as pf:
+        for _, b in pf:
+            jax.block_until_ready(b)
+    pipe_bps = args.steps / (time.perf_counter() - t0)
+
+    print(f"(a) bare jitted train step:  {step_ms:8.2f} ms/step")
+    print(f"(b) real loop:               {loop_ms:8.2f} ms/step   (mean loss over the run {np.mean(res['losses']):.4g})")
+    print(f"(c) input pipeline alone:    {pipe_bps:8.1f} batches/s ({1e3 / pipe_bps:.2f} ms/batch)")
+    print(f"efficiency {step_ms / loop_ms:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The input pipeline: vectorised batch gathers and a background prefetcher.
+
+Decoded images stay ``uint8`` in host memory (a numpy array, or a
+``np.memmap`` of a cache file for sets that don't fit in RAM) and the labels
+are padded once to ``(N, M, ...)`` arrays, so a batch is one fancy-index
+gather per array: no per-record Python.  Batch ``k`` of epoch ``e`` is a pure
+function of ``(seed, e, k)`` (the epoch's permutation is drawn from
+``(seed, e)``), so a checkpoint stores only the position and ``--resume``
+replays the identical next batch.
+
+Per-image augmentation is *not* done here: it runs on the device inside the
+jitted train step (:mod:`jaxyolo.data.augment`), keyed by the global step.
+
+With several processes (multi-host), process ``p`` of ``P`` gathers only
+rows ``[p B / P, (p + 1) B / P)`` of every global batch, and
+:class:`Prefetcher` assembles the global ``jax.Array`` from the local pieces
+(``jax.make_array_from_process_local_data``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+
+__all__ = ["PaddedLabels", "pad_labels", "epoch_permutation", "TrainBatches", "eval_batches", "Prefetcher"]
+
+
+class PaddedLabels(dict):
+    """``boxes (N, M, 4)`` float32 normalised cxcywh, ``classes (N, M)`` int32,
+    ``mask (N, M)`` bool: every image's labels padded to ``M`` once."""
+
+
+def pad_labels(labels, max_boxes: int) -> PaddedLabels:
+    """Pad per-image ``(n_i, 5) [class, cx, cy, w, h]`` rows to ``max_boxes``.
+
+    Images with more than ``max_boxes`` objects keep the first ``max_boxes``
+    (the count of dropped boxes is ``sum(n_i) - mask.sum()``).
+    """
+    n = len(labels)
+    boxes = np.zeros((n, max_boxes, 4), np.float32)
+    classes = np.zeros((n, max_boxes), np.int32)
+    mask = np.zeros((n, max_boxes), bool)
+    for i, lab in enumerate(labels):
+        lab = np.asarray(lab, np.float32).reshape(-1, 5)[:max_boxes]
+        k = len(lab)
+        boxes[i, :k], classes[i, :k], mask[i, :k] = lab[:, 1:], lab[:, 0].astype(np.int32), True
+    return PaddedLabels(boxes=boxes, classes=classes, mask=mask)
+
+
+def epoch_permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The order of the ``n`` training images in ``epoch``: a function of ``(seed, epoch)`` only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class TrainBatches:
+    """Training batches by position: ``batch(epoch, k)`` is a dict of numpy
+    arrays ``image (b, S, S, 3) uint8``, ``boxes (b, M, 4)``, ``classes (b, M)``,
+    ``mask (b, M)`` where ``b = batch_size / process_count`` are this
+    process's rows of global batch ``k`` of ``epoch``.  The last partial
+    batch of an epoch is dropped (static shapes).
+
+    Args:
+      data: a :class:`jaxyolo.data.DetectionData` (``images`` may be a memmap).
+      batch_size: the global batch B.
+      max_boxes: M.
+      seed: data order seed.
+      process_index, process_count: this process's share of each batch.
+    """
+
+    def __init__(self, data, *, batch_size: int, max_boxes: int, seed: int, process_index: int = 0, process_count: int = 1):
+        if len(data) < batch_size:
+            raise ValueError(f"the training set has {len(data)} images, fewer than batch={batch_size}")
+        if batch_size % process_count:
+            raise ValueError(f"batch={batch_size} is not divisible by the {process_count} processes")
+        self.images = data.images
+        self.labels = pad_labels(data.labels, max_boxes)
+        self.n = len(data)
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_epoch = self.n // batch_size
+        per = batch_size // process_count
+        self._rows = slice(process_index * per, (process_index + 1) * per)
+        self._perm_epoch, self._perm = None, None
+
+    def indices(self, epoch: int, k: int) -> np.ndarray:
+        """Dataset indices of this process's rows of batch ``k`` of ``epoch``."""
+        if not 0 <= k < self.steps_per_epoch:
+            raise IndexError(f"batch {k} out of range for {self.steps_per_epoch} batches per epoch")
+        if self._perm_epoch != epoch:
+            self._perm, self._perm_epoch = epoch_permutation(self.n, seed=self.seed, epoch=epoch), epoch
+        return self._perm[k * self.batch_size : (k + 1) * self.batch_size][self._rows]
+
+    def batch(self, epoch: int, k: int) -> dict:
+        idx = self.indices(epoch, k)
+        return {"image": self.images[idx], **{name: a[idx] for name, a in self.labels.items()}}
+
+    def positions(self, epoch: int, k: int, *, epochs: int, max_steps: int | None = None, done: int = 0):
+        """Yield ``(epoch, k)`` from the given position to the end of
+        ``epochs`` (or until ``max_steps`` global steps, ``done`` already done)."""
+        while epoch < epochs:
+            while k < self.steps_per_epoch:
+                if max_steps is not None and done >= max_steps:
+                    return
+                yield epoch, k
+                done += 1
+                k += 1
+            epoch, k = epoch + 1, 0
+
+
+def eval_batches(data, *, batch_size: int, max_boxes: int, process_index: int = 0, process_count: int = 1):
+    """Yield ``(batch, n_valid)`` over ``data`` in order, every batch of the
+    static global size ``batch_size``: the last one is padded with copies of
+    the first image with no labels (``n_valid`` real images).  With several
+    processes each yields its rows of the global batch (as
+    :class:`TrainBatches`)."""
+    labels = pad_labels(data.labels, max_boxes)
+    n = len(data)
+    per = batch_size // process_count
+    rows = slice(process_index * per, (process_index + 1) * per)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        valid = idx < n
+        idx = np.where(valid, idx, 0)[rows]
+        batch = {"image": data.images[idx], **{k: a[idx] for k, a in labels.items()}}
+        batch["mask"] = batch["mask"] & valid[rows][:, None]
+        yield batch, int(valid.sum())
+
+
+class Prefetcher:
+    """Turn host batches into device arrays on a background thread.
+
+    ``source`` yields ``(tag, host_batch)``; iterating the prefetcher yields
+    ``(tag, device_batch)`` with ``depth`` batches gathered and transferred
+    ahead of the consumer (``jax.device_put``/``make_array_from_process_local_data``
+    with ``sharding``, the batch sharding of the train step), so host work
+    overlaps the device's.  An exception in the thread is re-raised in the
+    consumer.  Use as a context manager (or call :meth:`close`) so an early
+    exit stops the thread.
+    """
+
+    _END = object()
+
+    def __init__(self, source, *, sharding, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._source, self._sharding = source, sharding
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jaxyolo-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self):
+        try:
+            for tag, batch in self._source:
+                if not self._put((tag, to_device(batch, self._sharding))):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer
+            self._put(e)
+
+    def __iter__(self):
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def to_device(batch: dict, sharding) -> dict:
+    """Host batch (this process's rows) -> global ``jax.Array`` leaves sharded by ``sharding``."""
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

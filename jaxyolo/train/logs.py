@@ -1,0 +1,126 @@
+"""Run logs: ``steps.csv``, ``metrics.csv``, TensorBoard and ``results.png``.
+
+The train step accumulates its logged values on the device
+(:func:`jaxyolo.train.step.new_acc`); the loop fetches them only every
+``log_every`` steps and at the end of each epoch, so no step waits for the
+host.  ``steps.csv`` gets one row per fetch: ``step`` (the last step of the
+window), ``epoch``, ``steps`` (the window's length) and the window's mean of
+each value.  With ``log_every=1`` that is every step's own value.
+``metrics.csv`` gets one row per epoch: the epoch's means, mAP, time.
+Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Csv", "RunLogs", "plot_results"]
+
+
+class Csv:
+    """Append-only CSV; ``keep`` filters the rows kept from an existing file (resume)."""
+
+    def __init__(self, path: Path, fields, *, keep=None, enabled: bool = True):
+        self.path, self.fields, self.enabled = path, list(fields), enabled
+        if not enabled:
+            return
+        rows = []
+        if keep is not None and path.exists():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if keep(r)]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def append(self, rows):
+        if not self.enabled or not rows:
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerows(rows)
+
+
+def _tensorboard(out_dir: Path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboardX") is None:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(out_dir / "tb"))
+
+
+class RunLogs:
+    """The run's CSV files and TensorBoard writer.
+
+    Args:
+      out_dir: the run folder.
+      names: the logged values (``loss``, the components, ``lr``, ``grad_norm``).
+      done_step, done_epoch: on resume, rows after these are dropped (they
+        belong to steps that will run again); None for a fresh run.
+      enabled: False on every process but 0.
+    """
+
+    def __init__(self, out_dir: Path, names, *, done_step=None, done_epoch=None, enabled: bool = True):
+        self.names = list(names)
+        resume = done_step is not None
+        self.steps = Csv(out_dir / "steps.csv", ["step", "epoch", "steps", *self.names], keep=(lambda r: int(r["step"]) <= done_step) if resume else None, enabled=enabled)
+        epoch_fields = ["epoch", "step", *self.names, "map50", "map50_95", "epoch_s"]
+        self.epoch_fields = epoch_fields
+        self.metrics = Csv(out_dir / "metrics.csv", epoch_fields, keep=(lambda r: int(r["epoch"]) <= done_epoch) if resume else None, enabled=enabled)
+        self.tb = _tensorboard(out_dir) if enabled else None
+
+    def step_row(self, step: int, epoch: int, win: dict, n: int):
+        row = {"step": step, "epoch": epoch, "steps": n, **{k: float(win[k]) / n for k in self.names}}
+        self.steps.append([row])
+        if self.tb is not None:
+            for k in self.names:
+                self.tb.add_scalar(f"train/{k}", row[k], step)
+        return row
+
+    def epoch_row(self, row: dict):
+        self.metrics.append([row])
+        if self.tb is not None and row.get("map50") is not None:
+            self.tb.add_scalar("val/map50", row["map50"], row["epoch"])
+            self.tb.add_scalar("val/map50_95", row["map50_95"], row["epoch"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_results(out_dir: Path, loss_names):
+    """``results.png``: logged loss curves and mAP per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with (out_dir / "steps.csv").open() as f:
+        steps = list(csv.DictReader(f))
+    with (out_dir / "metrics.csv").open() as f:
+        epochs = list(csv.DictReader(f))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.asarray([int(r["step"]) for r in steps])
+    for name in ("loss", *loss_names):
+        y = np.asarray([float(r[name]) for r in steps])
+        k = max(1, min(25, len(y) // 10))
+        ys = np.convolve(y, np.ones(k) / k, mode="valid") if len(y) >= k else y
+        a1.plot(x[len(x) - len(ys):], ys, label=name)
+    a1.set_xlabel("step")
+    a1.set_ylabel("loss (mean over each logged window)")
+    a1.set_yscale("log")
+    a1.legend()
+    ev = [r for r in epochs if r.get("map50")]
+    a2.plot([int(r["epoch"]) for r in ev], [float(r["map50"]) for r in ev], "o-", label="mAP@0.5")
+    a2.plot([int(r["epoch"]) for r in ev], [float(r["map50_95"]) for r in ev], "s-", label="mAP@0.5:0.95")
+    a2.set_xlabel("epoch")
+    a2.set_ylim(0, 1)
+    a2.legend()
+    a2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "results.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,249 @@
+"""The train step: model state, the objective, on-device augmentation, logs
+accumulated on the device, and the sharded ``jit`` that ties them together.
+
+The model is split once (``nnx.split``) into a train-mode and an eval-mode
+graphdef (BatchNorm uses batch statistics and updates its running averages
+only in train mode) and pure pytrees of parameters and BatchNorm statistics,
+which the jitted step threads explicitly.  ``state`` is a dict of pytrees:
+``params``, ``stats`` (BatchNorm), ``opt_state``, ``step``; ``ema`` holds the
+EMA model's ``params`` and ``stats``; ``acc`` the logged values accumulated
+since they were last fetched (:func:`new_acc`).  All three are replicated
+over the mesh and donated to the step; the batch is sharded along B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import jaxyolo
+from jaxyolo.evaluate import batched_nms
+from jaxyolo.models import build_detector
+from jaxyolo.targets import Targets
+from jaxyolo import parallel
+from jaxyolo.train.config import TrainConfig
+from jaxyolo.train.optim import ema_decay, ema_tau_for, ema_update, make_optimizer
+
+__all__ = ["make_objective", "main_loss_names", "log_names", "Session", "new_acc", "flip_lr"]
+
+
+def make_objective(config: TrainConfig, *, strides, nc: int, reg_max: int = 16, anchors=None):
+    """``f(preds, targets) -> (objective, logs)`` for ``config.loss``.
+
+    ``objective`` is what the optimiser minimises: ``total * nbs / B`` for
+    YOLOv5/v8 (upstream's gradient scale; see :class:`TrainConfig`), YOLOX's
+    ``total`` as is.  ``logs`` holds ``"loss"`` (the per-image loss: ``total /
+    B`` for v5/v8, ``total`` for YOLOX) and the loss's components.
+    """
+    strides = tuple(strides)
+    if config.loss == "yolov8":
+        cfg = jaxyolo.TalLossConfig(reg_max=reg_max)
+
+        def f(preds, targets):
+            total, comps = jaxyolo.yolov8_loss(preds, targets, strides=strides, config=cfg)
+            b = preds[0].shape[0]
+            return total * config.nbs / b, {"loss": total / b, **comps}
+
+    elif config.loss == "yolov5":
+        cfg = jaxyolo.scale_yolov5_hyp(jaxyolo.Yolov5LossConfig(), nc=nc, num_levels=len(strides), img_size=config.img_size)
+        anchors = np.asarray(anchors, np.float32)
+
+        def f(preds, targets):
+            total, comps, _ = jaxyolo.yolov5_loss(preds, targets, anchors=anchors, strides=strides, config=cfg)
+            b = preds[0].shape[0]
+            return total * config.nbs / b, {"loss": total / b, **comps}
+
+    else:
+        cfg = jaxyolo.YoloxLossConfig()
+
+        def f(preds, targets):
+            total, comps = jaxyolo.yolox_loss(preds, targets, strides=strides, config=cfg)
+            return total, {"loss": total, **comps}
+
+    return f
+
+
+def main_loss_names(loss: str):
+    return {"yolov8": ("box", "cls", "dfl"), "yolov5": ("box", "obj", "cls"), "yolox": ("iou", "obj", "cls")}[loss]
+
+
+def log_names(loss: str):
+    """Every value the train step logs, in column order."""
+    return ("loss", *main_loss_names(loss), "lr", "grad_norm")
+
+
+# ---------------------------------------------------------- logged values
+
+
+def new_acc(names, window: int):
+    """Zeroed accumulator of the logged values (host numpy; place it with the
+    replicated sharding).  ``win``/``epoch``: sums since the last fetch / since
+    the epoch began; ``n``/``epoch_n``: their step counts; ``losses``: the
+    per-step ``loss`` of the current window (``window`` = log interval);
+    ``last``: the latest step's values; ``bad_step``: the global step of the first non-finite loss (0: none)."""
+    z = {k: np.float32(0) for k in names}
+    return {
+        "last": dict(z), "win": dict(z), "epoch": dict(z), "n": np.int32(0), "epoch_n": np.int32(0),
+        "losses": np.zeros((window,), np.float32), "bad_step": np.int32(0),
+    }
+
+
+def _accumulate(acc, logs, step):
+    finite = jnp.isfinite(logs["loss"])
+    return {
+        "last": logs,
+        "win": {k: acc["win"][k] + logs[k] for k in acc["win"]},
+        "epoch": {k: acc["epoch"][k] + logs[k] for k in acc["epoch"]},
+        "n": acc["n"] + 1,
+        "epoch_n": acc["epoch_n"] + 1,
+        "losses": acc["losses"].at[acc["n"] % acc["losses"].shape[0]].set(logs["loss"]),
+        "bad_step": jnp.where((acc["bad_step"] == 0) & ~finite, step, acc["bad_step"]),
+    }
+
+
+# ------------------------------------------------------ on-device augment
+
+
+def flip_lr(key, images, targets: Targets, *, p: float):
+    """Horizontal flip of each image with probability ``p``, on the device.
+
+    Args:
+      key: a ``jax.random`` key (one draw per image).
+      images: ``(B, H, W, 3)`` any dtype.
+      targets: ``(B, M)`` normalised cxcywh; flipped images get ``cx -> 1 - cx``
+        on their real boxes (padded rows stay zero).
+
+    Returns:
+      ``(images, targets)`` of the same shapes and dtypes.
+    """
+    flip = jax.random.bernoulli(key, p, (images.shape[0],))
+    images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    cx = targets.boxes[..., 0]
+    cx = jnp.where(flip[:, None] & targets.mask, 1.0 - cx, cx)
+    return images, dataclasses.replace(targets, boxes=targets.boxes.at[..., 0].set(cx))
+
+
+# ---------------------------------------------------------------- session
+
+
+_COMPILED: dict = {}
+_PRECISION = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def _to_float_images(images, dtype=jnp.float32):
+    return (images.astype(jnp.float32) / 255.0).astype(dtype)
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class Session:
+    """A model + optimiser + EMA for one :class:`TrainConfig` on a device mesh,
+    with the jitted, sharded ``train_step`` and ``predict``.
+
+    Args:
+      config: the run's configuration.
+      nc: number of classes.
+      steps_per_epoch: for the LR schedule and the EMA ramp.
+      mesh: a ``("data",)`` mesh (:func:`jaxyolo.parallel.make_mesh`);
+        None: all devices.
+      log_every: the window of per-step losses kept in ``acc`` (the log interval).
+
+    ``train_step(state, ema, acc, batch) -> (state, ema, acc)`` with ``batch``
+    a dict ``image (B, S, S, 3) uint8``, ``boxes (B, M, 4)``, ``classes
+    (B, M)``, ``mask (B, M)``; the flip is drawn on the device from
+    ``(config.seed, step)``.  ``acc["last"]`` holds the step's logged values.
+    ``predict(params, stats, images uint8) -> batched_nms outputs``.
+    """
+
+    def __init__(self, config: TrainConfig, *, nc: int, steps_per_epoch: int, mesh=None, log_every: int = 1):
+        self.config = config
+        self.nc = nc
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * config.epochs
+        self.mesh = mesh if mesh is not None else parallel.make_mesh()
+        parallel.check_batch(config.batch, self.mesh)
+        self.log_every = log_every
+        self.names = log_names(config.loss)
+        self.batch_sharding = parallel.batch_sharding(self.mesh)
+        self.replicated = parallel.replicated(self.mesh)
+        model = build_detector(config.loss, nc=nc, size=config.model_size, seed=config.seed)
+        self.strides = model.strides
+        self.reg_max = getattr(model.head, "reg_max", 16)
+        self.anchors = model.head.anchor_array if config.loss == "yolov5" else None
+        self.decode = model.decode  # uses only static attributes
+        self.dtype = _PRECISION[config.precision]
+        self.tx, self.schedule = make_optimizer(config, self.total_steps, steps_per_epoch)
+        self.ema_tau = ema_tau_for(config, self.total_steps)
+        self.objective = make_objective(config, strides=self.strides, nc=nc, reg_max=self.reg_max, anchors=self.anchors)
+
+        key = (
+            dataclasses.replace(config, max_steps=None, eval_every=1, data="", train_size=1, val_size=1),
+            nc, steps_per_epoch, tuple(d.id for d in self.mesh.devices.flat), log_every,
+        )
+        model.eval()
+        graph_eval = nnx.graphdef(model)
+        model.train()
+        graph_train, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            # jit once per (config, nc, steps per epoch, mesh) in a process: a
+            # second Session of the same run (resume, eval) reuses the executables.
+            self.graph_train, self.graph_eval = graph_train, graph_eval
+            rep, bsh = self.replicated, self.batch_sharding
+            train_step = jax.jit(self._train_step, in_shardings=(rep, rep, rep, bsh), out_shardings=(rep, rep, rep), donate_argnums=(0, 1, 2))
+            predict = jax.jit(self._predict, in_shardings=(rep, rep, bsh), out_shardings=bsh)
+            compiled = _COMPILED[key] = (graph_train, graph_eval, train_step, predict)
+        self.graph_train, self.graph_eval, self.train_step, self.predict = compiled
+
+        init = jax.jit(lambda p, s: {"params": p, "stats": s, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)}, out_shardings=self.replicated)
+        self.state = init(params, stats)
+        # The EMA starts as a copy with its own buffers (both are donated).
+        self.ema = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.replicated)({"params": params, "stats": stats})
+
+    def new_acc(self):
+        return jax.device_put(new_acc(self.names, self.log_every), self.replicated)
+
+    def _train_step(self, state, ema, acc, batch):
+        config = self.config
+        targets = Targets(batch["boxes"], batch["classes"], batch["mask"])
+        images = batch["image"]
+        if config.flip > 0:
+            key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+            images, targets = flip_lr(key, images, targets, p=config.flip)
+
+        def loss_fn(params, stats):
+            # Fresh Variables at this trace level (BatchNorm mutates its stats).
+            stats = jax.tree.map(lambda x: x, stats)
+            # Mixed precision: the forward pass in self.dtype (parameters cast,
+            # BatchNorm statistics reduced in float32 by flax); the masters, the
+            # statistics and the losses stay float32.
+            model = nnx.merge(self.graph_train, _cast_floats(params, self.dtype), stats)
+            preds = model(_to_float_images(images, self.dtype))
+            obj, logs = self.objective(preds, targets)
+            _, _, new_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+            return obj, (logs, _cast_floats(new_stats, jnp.float32))
+
+        (_, (logs, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], state["stats"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        step = state["step"] + 1
+        d = ema_decay(step, decay=config.ema_decay, tau=self.ema_tau)
+        new_ema = ema_update(ema, {"params": params, "stats": stats}, d)
+        logs = dict(logs, lr=self.schedule(state["step"]), grad_norm=optax.global_norm(grads))
+        logs = {k: jnp.asarray(logs[k], jnp.float32) for k in self.names}
+        acc = _accumulate(acc, logs, step)
+        return {"params": params, "stats": stats, "opt_state": opt_state, "step": step}, new_ema, acc
+
+    def _predict(self, params, stats, images):
+        model = nnx.merge(self.graph_eval, _cast_floats(params, self.dtype), stats)
+        preds = [p.astype(jnp.float32) for p in model(_to_float_images(images, self.dtype))]
+        boxes, scores = self.decode(preds)
+        c = self.config
+        return batched_nms(boxes, scores, conf_thres=c.conf_thres, iou_thres=c.iou_thres, max_det=c.max_det)
