@@ -194,11 +194,12 @@ def read_images(paths, size: int, out: np.ndarray, *, declared=None, workers: in
     return rects, shapes, errors
 
 
-def _skip_message(source: str, paths, errors: dict) -> str:
+def _skip_message(source: str, paths, errors: dict, *, fatal: bool = False) -> str:
     first = sorted(errors)[:_WARN_NAMES]
     shown = ", ".join(f"{Path(paths[i]).name} ({errors[i]})" for i in first)
     more = f", and {len(errors) - len(first)} more" if len(errors) > len(first) else ""
-    return f"{source}: skipped {len(errors)} of {len(paths)} images that cannot be read: {shown}{more}"
+    head = "no image can be read; " if fatal else ""
+    return f"{source}: {head}skipped {len(errors)} of {len(paths)} images that cannot be read: {shown}{more}"
 
 
 # ------------------------------------------------------------------ cache
@@ -288,8 +289,7 @@ def _decode_split(spec: SplitSpec, size: int, cache: Path | None, key: str | Non
         rects, shapes, errors = read_images(spec.files, size, buf, declared=spec.shapes, workers=workers)
         kept = np.asarray([i for i in range(n) if i not in errors], np.int64)
         if len(kept) == 0:
-            msg = _skip_message(spec.source, spec.files, errors)
-            raise DataError(msg.replace("skipped", "no image can be read; skipped", 1))
+            raise DataError(_skip_message(spec.source, spec.files, errors, fatal=True))
         rects, shapes = rects[kept], shapes[kept]
         if not errors:
             images = buf
