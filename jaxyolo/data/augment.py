@@ -535,5 +535,6 @@ def augment(key, images, rects, targets: Targets, *, config: AugmentConfig = Aug
     ``config`` and ``max_boxes`` are static (close over them or mark them
     static under ``jax.jit``); shapes as in :func:`apply_augment`.
     """
+    _check(images, rects, targets, config)
     params = sample_params(key, jnp.asarray(rects, jnp.int32), config=config, size=images.shape[2])
     return apply_augment(params, images, rects, targets, config=config, max_boxes=max_boxes)
