@@ -69,7 +69,7 @@ MIN_SIDE = 10  # ultralytics check_image: smaller images are corrupt
 _WARN_NAMES = 3
 
 
-def _print_warning(msg: str) -> None:
+def print_warning(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
@@ -150,7 +150,7 @@ def letterbox_labels(labels: np.ndarray, rect, size: int) -> np.ndarray:
 
 
 def _decode_into(path, size: int, out: np.ndarray, declared=None):
-    """Decode + letterbox ``path`` into ``out``; ``(rect, (h0, w0))`` or raise."""
+    """Decode + letterbox ``path`` into ``out``; ``(original image, rect)`` or raise."""
     image = decode_image(path)
     h0, w0 = image.shape[:2]
     if h0 < MIN_SIDE or w0 < MIN_SIDE:
@@ -158,10 +158,10 @@ def _decode_into(path, size: int, out: np.ndarray, declared=None):
     if declared is not None and (h0, w0) != tuple(int(v) for v in declared):
         raise ValueError(f"size {w0}x{h0} differs from the annotation's {int(declared[1])}x{int(declared[0])}")
     _, rect = letterbox(image, size, out=out)
-    return rect, (h0, w0)
+    return image, rect
 
 
-def read_images(paths, size: int, out: np.ndarray, *, declared=None, workers: int | None = None):
+def read_images(paths, size: int, out: np.ndarray, *, declared=None, workers: int | None = None, keep_originals: bool = False):
     """Decode and letterbox ``paths`` into ``out`` with a thread pool (Pillow
     and OpenCV release the GIL).
 
@@ -171,30 +171,38 @@ def read_images(paths, size: int, out: np.ndarray, *, declared=None, workers: in
       out: ``(N, S, S, 3)`` uint8 (array or memmap), written in place.
       declared: optional ``(N, 2)`` ``[h, w]`` each image must have.
       workers: threads (default: the CPU count).
+      keep_originals: also return the decoded originals.
 
     Returns:
       ``(rects (N, 4) int32, orig_shapes (N, 2) int32, errors)`` where
       ``errors`` maps the index of each failed image to a short reason; its
-      rows of ``out``/``rects``/``orig_shapes`` are undefined.
+      rows of ``out``/``rects``/``orig_shapes`` are undefined.  With
+      ``keep_originals``, a 4th item: the N original ``(h, w, 3)`` uint8
+      images (None where failed).
     """
     n = len(paths)
     rects = np.zeros((n, 4), np.int32)
     shapes = np.zeros((n, 2), np.int32)
+    originals = [None] * n
     errors = {}
 
     def work(i):
         try:
-            rects[i], shapes[i] = _decode_into(paths[i], size, out[i], None if declared is None else declared[i])
+            image, rects[i] = _decode_into(paths[i], size, out[i], None if declared is None else declared[i])
+            shapes[i] = image.shape[:2]
+            if keep_originals:
+                originals[i] = image
         except Exception as e:  # Pillow raises many types for corrupt files
             reason = str(e).replace(f"'{os.fspath(paths[i])}'", "").replace(os.fspath(paths[i]), "")
             errors[i] = " ".join(f"{type(e).__name__}: {reason}".split())
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as ex:
         list(ex.map(work, range(n)))
-    return rects, shapes, errors
+    return (rects, shapes, errors, originals) if keep_originals else (rects, shapes, errors)
 
 
-def _skip_message(source: str, paths, errors: dict, *, fatal: bool = False) -> str:
+def skip_message(source: str, paths, errors: dict, *, fatal: bool = False) -> str:
+    """The one warning line for unreadable images (``errors``: index -> reason)."""
     first = sorted(errors)[:_WARN_NAMES]
     shown = ", ".join(f"{Path(paths[i]).name} ({errors[i]})" for i in first)
     more = f", and {len(errors) - len(first)} more" if len(errors) > len(first) else ""
@@ -289,7 +297,7 @@ def _decode_split(spec: SplitSpec, size: int, cache: Path | None, key: str | Non
         rects, shapes, errors = read_images(spec.files, size, buf, declared=spec.shapes, workers=workers)
         kept = np.asarray([i for i in range(n) if i not in errors], np.int64)
         if len(kept) == 0:
-            raise DataError(_skip_message(spec.source, spec.files, errors, fatal=True))
+            raise DataError(skip_message(spec.source, spec.files, errors, fatal=True))
         rects, shapes = rects[kept], shapes[kept]
         if not errors:
             images = buf
@@ -340,7 +348,7 @@ def load_split(
     Raises:
       DataError when no image can be read.
     """
-    warn = warn or _print_warning
+    warn = warn or print_warning
     size, n = int(img_size), len(spec)
     cache = Path(cache) if cache is not None else None
     key = _cache_key(spec, size) if cache is not None else None
@@ -352,7 +360,7 @@ def load_split(
     else:
         images, kept, rects, shapes, errors = _decode_split(spec, size, cache, key, workers)
     if errors:
-        warn(_skip_message(spec.source, spec.files, errors))
+        warn(skip_message(spec.source, spec.files, errors))
     labels = tuple(letterbox_labels(spec.labels[i], r, size) for i, r in zip(kept, rects))
     files = tuple(spec.files[i] for i in kept)
     return DetectionData(images, labels, spec.names, content=np.asarray(rects, np.int32), orig_shapes=np.asarray(shapes, np.int32), files=files)
