@@ -266,17 +266,18 @@ def _pick(table, q):
     return jnp.where(q < 2, jnp.where(q == 0, t[0], t[1]), jnp.where(q == 2, t[2], t[3]))
 
 
-def _canvas_pixels(packed, tile, X, Y, size: int):
-    """Canvas pixels at integer ``X, Y`` ``(B, P)``: ``(B, P, 3)`` float32, 114 outside every tile.
+def _canvas_words(packed, tile, X, Y, size: int):
+    """Packed canvas pixels at integer ``X, Y`` ``(B, P)``: ``(B, P)`` uint32.
 
-    ``packed``: ``(B, K*S*S)`` uint32, the K source frames with R, G, B in bytes 0-2.
+    ``packed``: ``(B, K*S*S + 1)`` uint32, the K source frames with R, G, B in
+    bytes 0-2, then one fill pixel (114, 114, 114) that every tap outside the
+    tiles reads.  Resolving "outside" in the index keeps the per-channel blend
+    free of the tile arithmetic (XLA would otherwise redo it per channel).
     """
     q = (X >= tile["xc"]).astype(jnp.int32) + 2 * (Y >= tile["yc"]).astype(jnp.int32)
     inside = (X >= _pick(tile["x_lo"], q)) & (X < _pick(tile["x_hi"], q)) & (Y >= _pick(tile["y_lo"], q)) & (Y < _pick(tile["y_hi"], q))
     idx = _pick(tile["base"], q) + Y * size + X
-    word = jnp.take_along_axis(packed, jnp.where(inside, idx, 0), axis=1)
-    rgb = (word[..., None] >> jnp.asarray([0, 8, 16], jnp.uint32)) & 255
-    return jnp.where(inside[..., None], rgb.astype(jnp.float32), float(PAD_VALUE))
+    return jnp.take_along_axis(packed, jnp.where(inside, idx, packed.shape[1] - 1), axis=1)
 
 
 def _inverse(M, perspective: bool):
@@ -298,6 +299,8 @@ def _warp_images(images, rects, params: AugmentParams, size: int, perspective: b
     b, k = images.shape[:2]
     px = images.reshape(b, k * size * size, 3).astype(jnp.uint32)
     packed = px[..., 0] | (px[..., 1] << 8) | (px[..., 2] << 16)  # one gather per tap instead of three
+    fill = jnp.full((b, 1), PAD_VALUE * 0x010101, jnp.uint32)
+    packed = jnp.concatenate([packed, fill], axis=1)
     tile = _tiles(rects, params, size)
     Minv = _inverse(params.matrix, perspective)
     ys, xs = jnp.meshgrid(jnp.arange(size, dtype=jnp.float32), jnp.arange(size, dtype=jnp.float32), indexing="ij")
@@ -318,10 +321,13 @@ def _warp_images(images, rects, params: AugmentParams, size: int, perspective: b
     x0, y0 = jnp.floor(sx), jnp.floor(sy)
     fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
     X0, Y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-    p00 = _canvas_pixels(packed, tile, X0, Y0, size)
-    p01 = _canvas_pixels(packed, tile, X0 + 1, Y0, size)
-    p10 = _canvas_pixels(packed, tile, X0, Y0 + 1, size)
-    p11 = _canvas_pixels(packed, tile, X0 + 1, Y0 + 1, size)
+    shifts = jnp.asarray([0, 8, 16], jnp.uint32)
+
+    def tap(dx, dy):
+        word = _canvas_words(packed, tile, X0 + dx, Y0 + dy, size)
+        return ((word[..., None] >> shifts) & 255).astype(jnp.float32)  # (B, P, 3)
+
+    p00, p01, p10, p11 = tap(0, 0), tap(1, 0), tap(0, 1), tap(1, 1)
     v0 = p00 + fx * (p01 - p00)
     v1 = p10 + fx * (p11 - p10)
     v = v0 + fy * (v1 - v0)
