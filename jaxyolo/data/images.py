@@ -274,8 +274,8 @@ def _compact(buf: np.ndarray, kept: np.ndarray, cache_tmp: Path | None):
                 buf[j] = buf[i]
         return buf[: len(kept)]
     out = np.lib.format.open_memmap(cache_tmp, mode="w+", dtype=np.uint8, shape=(len(kept), *buf.shape[1:]))
-    for a in range(0, len(kept), 256):
-        out[a : a + 256] = buf[kept[a : a + 256]]
+    for a in range(0, len(kept), 64):  # bounded RAM: 64 frames at a time
+        out[a : a + 64] = buf[kept[a : a + 64]]
     out.flush()
     return out
 
