@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxyolo.data.formats import DataError, discover_plain
+
 __all__ = [
     "DetectionData",
     "DataError",
@@ -22,13 +24,8 @@ __all__ = [
     "EMBEDDED_VAL_SIZE",
 ]
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 EMBEDDED_TRAIN_SIZE = 3000
 EMBEDDED_VAL_SIZE = 400
-
-
-class DataError(ValueError):
-    """A dataset problem, with the offending file in the message."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +36,22 @@ class DetectionData:
     images: np.ndarray
     labels: tuple
     names: tuple
+    # Optional, from jaxyolo.data.images (letterboxed files); None = the images fill the S x S frame.
+    content: np.ndarray | None = None  # (N, 4) int32 [top, left, h, w]: the un-padded area of each image
+    orig_shapes: np.ndarray | None = None  # (N, 2) int32 [h, w] of the original files
+    files: tuple | None = None  # N source paths
 
     @property
     def nc(self) -> int:
         return len(self.names)
+
+    @property
+    def content_rects(self) -> np.ndarray:
+        """``(N, 4)`` int32 ``[top, left, h, w]``: ``content``, or the full frame."""
+        if self.content is not None:
+            return self.content
+        n, s = len(self), self.img_size
+        return np.tile(np.asarray([[0, 0, s, s]], np.int32), (n, 1))
 
     @property
     def img_size(self) -> int:
@@ -70,36 +79,6 @@ def load_embedded(split: str, *, img_size: int = 128, size: int | None = None) -
 # ------------------------------------------------------------ YOLO format
 
 
-def _read_labels(path: Path, nc: int | None) -> np.ndarray:
-    rows = []
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read label file {path}: {e}") from e
-    for lineno, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 5:
-            raise DataError(f"{path}:{lineno}: expected 5 fields 'class cx cy w h', got {len(fields)}: {line.strip()!r}")
-        try:
-            vals = [float(f) for f in fields]
-        except ValueError as e:
-            raise DataError(f"{path}:{lineno}: non-numeric field in {line.strip()!r}") from e
-        c = vals[0]
-        if c != int(c) or c < 0:
-            raise DataError(f"{path}:{lineno}: class id must be a non-negative integer, got {fields[0]!r}")
-        if nc is not None and c >= nc:
-            raise DataError(f"{path}:{lineno}: class id {int(c)} >= nc={nc}")
-        box = np.asarray(vals[1:])
-        if not np.all(np.isfinite(box)) or np.any(box < -0.01) or np.any(box > 1.01):
-            raise DataError(f"{path}:{lineno}: box {fields[1:]} is not normalised cx cy w h in [0, 1]")
-        rows.append(vals)
-    lab = np.asarray(rows, np.float32).reshape(-1, 5)
-    lab[:, 1:] = np.clip(lab[:, 1:], 0.0, 1.0)
-    return lab
-
-
 def _load_image(path: Path, img_size: int) -> np.ndarray:
     from PIL import Image
 
@@ -109,22 +88,6 @@ def _load_image(path: Path, img_size: int) -> np.ndarray:
             return np.asarray(im, np.uint8)
     except Exception as e:  # PIL raises several types for corrupt files
         raise DataError(f"cannot decode image {path}: {e}") from e
-
-
-def _split_dirs(root: Path, split: str):
-    """``(images_dir, labels_dir)`` for ``split``: ``root/images/<split>`` if it
-    exists (the ultralytics layout), else ``root/images`` for both splits."""
-    if (root / "images" / split).is_dir():
-        images = root / "images" / split
-    elif (root / "images").is_dir() and not any(p.is_dir() for p in (root / "images").iterdir()):
-        images = root / "images"
-    elif (root / "images").is_dir():
-        raise DataError(f"dataset {root}: no '{split}' split (expected {root / 'images' / split})")
-    else:
-        images = None
-    if images is not None:
-        return images, root / "labels" / images.relative_to(root / "images")
-    raise DataError(f"dataset {root}: no images directory (expected {root / 'images' / split} or {root / 'images'})")
 
 
 def load_yolo_dir(root, split: str = "train", *, img_size: int = 128, nc: int | None = None) -> DetectionData:
@@ -142,32 +105,9 @@ def load_yolo_dir(root, split: str = "train", *, img_size: int = 128, nc: int | 
       label files at all, a line without 5 fields, a class id >= nc, a box
       outside [0, 1], an image that fails to decode.
     """
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"dataset path {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"dataset path {root} is not a directory")
-    names = None
-    if (root / "classes.txt").is_file():
-        names = tuple(n.strip() for n in (root / "classes.txt").read_text().splitlines() if n.strip())
-        if nc is not None and nc != len(names):
-            raise DataError(f"{root / 'classes.txt'} lists {len(names)} classes but nc={nc}")
-        nc = len(names)
-    images_dir, labels_dir = _split_dirs(root, split)
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise DataError(f"dataset {root}: no images ({', '.join(IMAGE_EXTS)}) in {images_dir}")
-    if not labels_dir.is_dir() or not any(labels_dir.glob("*.txt")):
-        raise DataError(f"dataset {root}: no label files (*.txt) in {labels_dir}")
-    labels = []
-    for f in files:
-        lf = labels_dir / (f.stem + ".txt")
-        labels.append(_read_labels(lf, nc) if lf.is_file() else np.zeros((0, 5), np.float32))
-    images = np.stack([_load_image(f, img_size) for f in files])
-    if names is None:
-        top = max((int(lab[:, 0].max()) + 1 for lab in labels if len(lab)), default=1)
-        names = tuple(str(i) for i in range(nc if nc is not None else top))
-    return DetectionData(images, tuple(labels), names)
+    spec = discover_plain(root, split, nc=nc)
+    images = np.stack([_load_image(f, img_size) for f in spec.files])
+    return DetectionData(images, spec.labels, spec.names)
 
 
 def load_data(spec: str, split: str, *, img_size: int = 128, nc: int | None = None, embedded_size: int | None = None) -> DetectionData:
