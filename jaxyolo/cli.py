@@ -1,11 +1,13 @@
-"""``jaxyolo train`` / ``jaxyolo eval``: the command line.
+"""``jaxyolo train | eval | predict``: the command line.
 
-    jaxyolo train [--loss yolov8|yolov5|yolox] [--data embedded|PATH] [--epochs N]
-                  [--img-size S] [--batch B] [--out DIR] [--resume] ...
-    jaxyolo eval --checkpoint DIR
+    jaxyolo train [--loss yolov8|yolov5|yolox] [--data embedded|data.yaml|COCO|DIR] [--epochs N]
+                  [--img-size S] [--batch B] [--out DIR] [--resume] [augmentation flags] ...
+    jaxyolo eval --checkpoint RUN [--data ...]
+    jaxyolo predict SOURCE --checkpoint RUN [--out DIR] [--conf 0.25] [--iou 0.7] [--save-txt]
 
 Defaults train the embedded shapes dataset with the YOLOv8 loss and print
-the val mAP@0.5 and mAP@0.5:0.95 of the EMA model at the end.
+the val mAP@0.5 and mAP@0.5:0.95 of the EMA model at the end.  Every user
+error is one line starting ``error:``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,17 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` once, and only where the default is a value
+    (options whose default is "none"/"off" say what that means in their help)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default is None or action.default is False or action.default is argparse.SUPPRESS or not action.option_strings:
+            return h
+        return f"{h} (default: %(default)s)" if h else "default: %(default)s"
+
+
 def _defaults():
     from jaxyolo.train.config import TrainConfig
 
@@ -26,37 +39,66 @@ def _defaults():
 
 def build_parser() -> argparse.ArgumentParser:
     d = _defaults()
-    p = argparse.ArgumentParser(prog="jaxyolo", description="Train and evaluate YOLO detectors in JAX/Flax NNX.")
+    p = argparse.ArgumentParser(prog="jaxyolo", description="Train, evaluate and run YOLO detectors in JAX/Flax NNX.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a detector", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train a detector", formatter_class=_Help)
     t.add_argument("--loss", choices=("yolov8", "yolov5", "yolox"), default=d.loss, help="loss (and matching head)")
-    t.add_argument("--data", default=d.data, help="'embedded' or a YOLO dataset directory (images/ + labels/)")
-    t.add_argument("--epochs", type=int, default=d.epochs)
-    t.add_argument("--img-size", type=int, default=d.img_size, help="square image side, multiple of 32")
-    t.add_argument("--batch", type=int, default=d.batch)
-    t.add_argument("--out", default=None, help="run directory (default: runs/<loss>, runs/<loss>-2, ...)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out (default: the latest runs/<loss>*) with its saved config")
-    t.add_argument("--model-size", choices=("pico", "nano", "small"), default=d.model_size)
-    t.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer)
-    t.add_argument("--lr0", type=float, default=d.lr0)
-    t.add_argument("--nc", type=int, default=None, help="number of classes of a YOLO directory")
+    t.add_argument("--data", default=d.data, help="'embedded', an Ultralytics data.yaml, a COCO folder (annotations/instances_<split>*.json) or .json file, or a folder with images/ + labels/")
+    t.add_argument("--images", default=None, help="the images folder of a COCO .json --data")
+    t.add_argument("--nc", type=int, default=None, help="number of classes, checked against the dataset (default: the dataset's)")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    t.add_argument("--img-size", type=int, default=d.img_size, help="square training size, multiple of 32; images are letterboxed to it")
+    t.add_argument("--batch", type=int, default=d.batch, help="global batch size (split over the devices)")
+    t.add_argument("--out", default=None, help="run folder (default: runs/<loss>, then runs/<loss>-2, ...; with --resume the latest runs/<loss>*)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved config")
+    t.add_argument("--model-size", choices=("pico", "nano", "small"), default=d.model_size, help="jaxyolo's own YOLOv8-style backbone width/depth")
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer, help="AdamW, or SGD with Nesterov momentum 0.937")
+    t.add_argument("--lr0", type=float, default=d.lr0, help="peak learning rate (after the warmup, then cosine decay to 1%%)")
     t.add_argument("--train-size", type=int, default=d.train_size, help="embedded training images")
     t.add_argument("--val-size", type=int, default=d.val_size, help="embedded validation images")
-    t.add_argument("--max-boxes", type=int, default=d.max_boxes)
-    t.add_argument("--eval-every", type=int, default=d.eval_every)
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (with a checkpoint)")
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="bf16: convolutions and activations in bfloat16 (parameters, optimiser, EMA, BatchNorm statistics and losses in float32)")
-    t.add_argument("--log-every", type=int, default=50, help="fetch the logged values from the device every N steps (steps.csv: one row per N steps)")
+    t.add_argument("--max-boxes", type=int, default=d.max_boxes, help="boxes per image the loss sees (static shape); more are cut and counted (boxes_cut)")
+    t.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate mAP every N epochs (and at the end)")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, with a checkpoint (default: run every epoch)")
+    t.add_argument("--seed", type=int, default=d.seed, help="model init, data order and augmentation draws")
+    t.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="bf16: convolutions and activations in bfloat16; parameters, optimiser, EMA, BatchNorm statistics and losses stay float32")
+    t.add_argument("--log-every", type=int, default=50, help="fetch the logged values from the device every N steps (one steps.csv row per N steps)")
     t.add_argument("--devices", type=int, default=None, help="data-parallel over the first N local devices (default: all devices)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--cache", default=None, help="folder for a memory-mapped cache of the decoded images of a dataset on disk (default: decoded into RAM each run)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = t.add_argument_group("augmentation (ultralytics' default strengths; 0 turns one off)")
+    a.add_argument("--mosaic", type=float, default=d.mosaic, help="probability of a 4-image mosaic")
+    a.add_argument("--close-mosaic", type=int, default=d.close_mosaic, help="no mosaic in the last N epochs")
+    for name, help_ in (("degrees", "rotation +- degrees"), ("translate", "translation +- fraction of the side"), ("scale", "scale gain 1 +- scale"),
+                        ("shear", "shear +- degrees"), ("perspective", "perspective +- this"), ("hsv-h", "hue gain"), ("hsv-s", "saturation gain"),
+                        ("hsv-v", "value gain"), ("flipud", "up-down flip probability"), ("fliplr", "left-right flip probability")):
+        a.add_argument(f"--{name}", type=float, default=getattr(d, name.replace("-", "_")), help=help_)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint's EMA model on its val split")
-    e.add_argument("--checkpoint", required=True, help="a run directory (or its checkpoints/ folder)")
-    e.add_argument("--batch", type=int, default=None)
+    e = sub.add_parser("eval", help="evaluate a checkpoint's EMA model (mAP) on its val split or another dataset's", formatter_class=_Help)
+    e.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoints/ folder)")
+    e.add_argument("--data", default=None, help="evaluate on this dataset's val split instead (same formats as train --data)")
+    e.add_argument("--images", default=None, help="the images folder of a COCO .json --data")
+    e.add_argument("--batch", type=int, default=None, help="evaluation batch (default: the run's batch)")
     e.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
+
+    r = sub.add_parser("predict", help="run a checkpoint on images and draw the detections", formatter_class=_Help)
+    r.add_argument("source", help="an image file or a folder of images")
+    r.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint's EMA model)")
+    r.add_argument("--out", default=None, help="output folder (default: runs/predict, then runs/predict-2, ...)")
+    r.add_argument("--conf", type=float, default=0.25, help="score threshold")
+    r.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
+    r.add_argument("--max-det", type=int, default=300, help="detections per image")
+    r.add_argument("--img-size", type=int, default=None, help="inference size, multiple of 32 (default: the run's training size)")
+    r.add_argument("--batch", type=int, default=8, help="images per forward pass")
+    r.add_argument("--save-txt", action="store_true", help="also write labels/<image>.txt: 'cls cx cy w h conf' normalised to the original image")
     return p
+
+
+def _next_free(base: Path) -> Path:
+    out, k = base, 2
+    while out.exists():
+        out, k = base.with_name(f"{base.name}-{k}"), k + 1
+    return out
 
 
 def _run_dirs(loss: str):
@@ -73,25 +115,25 @@ def _pick_out(args) -> Path:
     if args.resume:
         runs = _run_dirs(args.loss)
         if not runs:
-            raise SystemExit(f"error: --resume: no runs/{args.loss}* directory; pass --out")
+            raise SystemExit(f"error: --resume: no runs/{args.loss}* folder; pass --out")
         return runs[-1]
-    out, k = Path("runs") / args.loss, 2
-    while out.exists():
-        out, k = Path("runs") / f"{args.loss}-{k}", k + 1
-    return out
+    return _next_free(Path("runs") / args.loss)
+
+
+_USER_ERRORS = (FileNotFoundError, ValueError, FloatingPointError)
 
 
 def _train(args) -> int:
-    from jaxyolo.data import DataError
     from jaxyolo.train import TrainConfig, train
     from jaxyolo.train.checkpoint import RunLockedError
 
+    aug = {k: getattr(args, k) for k in ("mosaic", "close_mosaic", "degrees", "translate", "scale", "shear", "perspective", "hsv_h", "hsv_s", "hsv_v", "flipud", "fliplr")}
     try:
         cfg = TrainConfig(
-            loss=args.loss, data=args.data, nc=args.nc, epochs=args.epochs, img_size=args.img_size, batch=args.batch,
+            loss=args.loss, data=args.data, images=args.images, nc=args.nc, epochs=args.epochs, img_size=args.img_size, batch=args.batch,
             model_size=args.model_size, optimizer=args.optimizer, lr0=args.lr0, train_size=args.train_size,
             val_size=args.val_size, max_boxes=args.max_boxes, eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed,
-            precision=args.precision,
+            precision=args.precision, **aug,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -99,28 +141,64 @@ def _train(args) -> int:
     if args.resume:
         print(f"jaxyolo train --resume: {out} (its saved config; other options except --max-steps are ignored)", flush=True)
     else:
-        print(f"jaxyolo train: {out}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in ('loss', 'data', 'epochs', 'img_size', 'batch', 'model_size', 'optimizer', 'lr0'))})", flush=True)
+        shown = ("loss", "data", "epochs", "img_size", "batch", "model_size", "optimizer", "lr0", "precision")
+        print(f"jaxyolo train: {out}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in shown)})", flush=True)
     try:
-        train(cfg, out, resume=args.resume, progress=not args.no_progress, log_every=args.log_every, devices=args.devices)
-    except (DataError, FileNotFoundError, RunLockedError, ValueError, FloatingPointError) as e:
+        train(cfg, out, resume=args.resume, progress=not args.no_progress, log_every=args.log_every, devices=args.devices, cache=args.cache)
+    except (*_USER_ERRORS, RunLockedError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0
 
 
 def _eval(args) -> int:
-    from jaxyolo.data import DataError
     from jaxyolo.train import evaluate_checkpoint
 
     try:
-        evaluate_checkpoint(args.checkpoint, batch_size=args.batch, devices=args.devices)
-    except (DataError, FileNotFoundError, ValueError) as e:
+        evaluate_checkpoint(args.checkpoint, batch_size=args.batch, devices=args.devices, data=args.data, images=args.images)
+    except _USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
+    return 0
+
+
+def _predict(args) -> int:
+    import jax
+
+    from jaxyolo.evaluate import batched_nms
+    from jaxyolo.predict import iter_predictions, list_images, save_prediction
+    from jaxyolo.train import load_session
+
+    try:
+        paths = list_images(args.source)
+        for name, v, lo, hi in (("conf", args.conf, 0.0, 1.0), ("iou", args.iou, 0.0, 1.0)):
+            if not lo <= v <= hi:
+                raise ValueError(f"--{name} must be in [{lo}, {hi}], got {v}")
+        if args.img_size is not None and (args.img_size < 32 or args.img_size % 32):
+            raise ValueError(f"--img-size must be a positive multiple of 32, got {args.img_size}")
+        if args.batch < 1 or args.max_det < 1:
+            raise ValueError("--batch and --max-det must be >= 1")
+        session, meta = load_session(args.checkpoint, devices=1)
+    except _USER_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(args.out) if args.out is not None else _next_free(Path("runs") / "predict")
+    size = args.img_size or session.config.img_size
+    conf, iou, max_det = args.conf, args.iou, args.max_det
+    nms = jax.jit(lambda p, s, im: batched_nms(*session.decode_images(p, s, im), conf_thres=conf, iou_thres=iou, max_det=max_det))
+    params, stats = session.ema["params"], session.ema["stats"]
+    names = meta["names"]
+    n = boxes = 0
+    try:
+        for det, image in iter_predictions(paths, lambda im: nms(params, stats, im), img_size=size, conf=conf, batch_size=args.batch):
+            save_prediction(det, image, out, names, save_txt=args.save_txt)
+            n, boxes = n + 1, boxes + len(det)
+    except _USER_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{n} images, {boxes} detections -> {out}{' (labels in ' + str(out / 'labels') + ')' if args.save_txt else ''}")
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return _train(args) if args.command == "train" else _eval(args)
+    return {"train": _train, "eval": _eval, "predict": _predict}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The CLI end to end with a tiny config, and its error messages."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxyolo.cli import build_parser, main
@@ -20,7 +22,7 @@ def test_train_then_eval(tmp_path, capsys):
     final = json.loads((out / "final.json").read_text())
     assert 0.0 <= final["map50"] <= 1.0 and final["steps"] == 4
     header, row = (out / "metrics.csv").read_text().splitlines()
-    assert header.startswith("epoch,step,loss,box,cls,dfl,lr,map50,map50_95")
+    assert header.startswith("epoch,step,loss,box,cls,dfl,lr,grad_norm,boxes_cut,map50,map50_95")
     assert row.startswith("1,4,")
     assert (out / "checkpoints" / "4").is_dir()
 
@@ -43,6 +45,94 @@ def test_cli_errors(tmp_path):
         main(["train", "--loss", "yolov7"])
 
 
-def test_parser_defaults():
+def test_parser_defaults_and_help(capsys):
     args = build_parser().parse_args(["train"])
     assert (args.loss, args.data, args.resume) == ("yolov8", "embedded", False)
+    for cmd in ("train", "eval", "predict"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = capsys.readouterr().out
+        # Every option says its default once (none twice, none contradicting).
+        for block in text.split("\n  -")[1:]:
+            assert block.count("default") <= 1, block
+        if cmd == "train":
+            assert "(default: 0.5)" in text and "(default: runs/<loss>" in text
+
+
+
+# ------------------------------------------------ users' own datasets
+
+
+def _tiny(out):
+    return ["--epochs", "1", "--img-size", "64", "--batch", "4", "--no-progress", "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_train_eval_predict_on_each_layout(tmp_path, capsys):
+    """data.yaml, a COCO folder, a COCO .json + --images and a plain folder
+    (mixed JPEG/PNG/BMP/WebP/grayscale sizes, a background image, a crowd
+    box, non-contiguous category ids) train, evaluate and predict unchanged."""
+    from _datasets import make_coco_dataset, make_plain_dataset, make_yaml_dataset
+
+    yaml_path, _ = make_yaml_dataset(tmp_path / "yolo", n_train=8, n_val=3)
+    plain, _ = make_plain_dataset(tmp_path / "plain", n_train=8, n_val=3)
+    coco = tmp_path / "coco"
+    make_coco_dataset(coco, n=9, split="train2017", seed=1)
+    val_json, (_, _, coco_names) = make_coco_dataset(coco, n=4, split="val2017", seed=2)
+    layouts = {
+        "yaml": ["--data", str(yaml_path)],
+        "coco": ["--data", str(coco)],
+        "coco-json": ["--data", str(val_json), "--images", str(coco / "val2017")],
+        "plain": ["--data", str(plain)],
+    }
+    for name, data in layouts.items():
+        out = tmp_path / f"run-{name}"
+        assert main(["train", *data, *_tiny(out)]) == 0, name
+        printed = capsys.readouterr().out
+        assert "val mAP@0.5 = " in printed and f"run folder: {out}" in printed, name
+        final = json.loads((out / "final.json").read_text())
+        assert final["steps"] >= 1 and 0.0 <= final["map50"] <= 1.0
+    meta_names = json.loads((tmp_path / "run-coco" / "config.json").read_text())
+    assert meta_names["data"] == str(coco)
+    # eval on another dataset's val split (same classes: the COCO json).
+    assert main(["eval", "--checkpoint", str(tmp_path / "run-coco"), "--data", str(val_json), "--images", str(coco / "val2017")]) == 0
+    assert "val mAP@0.5 = " in capsys.readouterr().out
+    # ...and one with other classes is refused.
+    with pytest.raises(SystemExit, match="error: the checkpoint's 3 classes .*differ"):
+        main(["eval", "--checkpoint", str(tmp_path / "run-coco"), "--data", str(yaml_path)])
+    # predict on the real photos that ship with ultralytics, with txt files.
+    import ultralytics
+
+    assets = Path(ultralytics.__file__).parent / "assets"
+    pred = tmp_path / "pred"
+    assert main(["predict", str(assets), "--checkpoint", str(tmp_path / "run-coco"), "--out", str(pred), "--conf", "0.001", "--save-txt"]) == 0
+    assert f"-> {pred}" in capsys.readouterr().out
+    from PIL import Image
+
+    for photo in ("bus.jpg", "zidane.jpg"):
+        with Image.open(assets / photo) as src, Image.open(pred / photo) as drawn:
+            assert drawn.size == src.size
+        lines = (pred / "labels" / photo.replace(".jpg", ".txt")).read_text().splitlines()
+        assert 1 <= len(lines) <= 300
+        rows = np.array([[float(v) for v in ln.split()] for ln in lines])
+        assert rows.shape[1] == 6 and set(rows[:, 0].astype(int)) <= {0, 1, 2}
+        assert np.all((rows[:, 1:5] >= 0) & (rows[:, 1:5] <= 1)) and np.all(rows[:, 5] >= 0.001)
+        assert np.all(np.diff(rows[:, 5]) <= 0)  # by descending score, as upstream
+
+
+def test_user_errors_are_one_line_and_write_nothing(tmp_path):
+    from _datasets import make_yaml_dataset
+
+    yaml_path, _ = make_yaml_dataset(tmp_path / "yolo", n_train=3, n_val=2)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"^error: the training set has 4 images, fewer than batch=16"):
+        main(["train", "--data", str(yaml_path), "--out", str(out), "--no-progress"])
+    with pytest.raises(SystemExit, match=r"^error: .*nc"):
+        main(["train", "--data", str(yaml_path), "--nc", "5", "--out", str(out), "--no-progress"])
+    bad = tmp_path / "yolo" / "nosplit.yaml"
+    bad.write_text(yaml_path.read_text().replace("val: val.txt", "val: missing/"))
+    with pytest.raises(SystemExit, match=r"^error: .*missing"):
+        main(["train", "--data", str(bad), "--batch", "2", "--out", str(out), "--no-progress"])
+    assert not out.exists()  # nothing written before the inputs validated
+    with pytest.raises(SystemExit, match=r"^error: .*does not exist"):
+        main(["predict", str(tmp_path / "none.jpg"), "--checkpoint", str(tmp_path)])

@@ -7,12 +7,13 @@ from PIL import Image
 from jaxyolo.data import (
     SHAPE_CLASSES,
     DataError,
+    DetectionData,
     Prefetcher,
     TrainBatches,
     epoch_permutation,
     eval_batches,
     load_embedded,
-    load_yolo_dir,
+    load_data,
     render_shapes_image,
 )
 
@@ -74,19 +75,20 @@ def test_static_shape_batches_and_resume(shapes):
     tb = TrainBatches(shapes, batch_size=16, max_boxes=12, seed=0)
     assert tb.steps_per_epoch == len(shapes) // 16
     first = tb.batch(3, 5)
-    assert first["image"].shape == (16, 128, 128, 3) and first["image"].dtype == np.uint8
-    assert first["boxes"].shape == (16, 12, 4) and first["classes"].shape == (16, 12) and first["mask"].shape == (16, 12)
+    assert first["image"].shape == (16, 1, 128, 128, 3) and first["image"].dtype == np.uint8
+    assert first["boxes"].shape == (16, 1, 12, 4) and first["classes"].shape == (16, 1, 12) and first["mask"].shape == (16, 1, 12)
+    np.testing.assert_array_equal(first["rects"], np.broadcast_to([0, 0, 128, 128], (16, 1, 4)))  # the shapes fill the frame
     # Batch k of epoch e is rows k*B..(k+1)*B of the epoch's permutation, gathered with labels.
     idx = epoch_permutation(len(shapes), seed=0, epoch=3)[5 * 16 : 6 * 16]
-    np.testing.assert_array_equal(first["image"], shapes.images[idx])
+    np.testing.assert_array_equal(first["image"][:, 0], shapes.images[idx])
     for row, i in enumerate(idx):
         lab = shapes.labels[i][:12]
-        np.testing.assert_array_equal(first["mask"][row], np.arange(12) < len(lab))
-        np.testing.assert_array_equal(first["boxes"][row, : len(lab)], lab[:, 1:])
-        np.testing.assert_array_equal(first["classes"][row, : len(lab)], lab[:, 0].astype(int))
+        np.testing.assert_array_equal(first["mask"][row, 0], np.arange(12) < len(lab))
+        np.testing.assert_array_equal(first["boxes"][row, 0, : len(lab)], lab[:, 1:])
+        np.testing.assert_array_equal(first["classes"][row, 0, : len(lab)], lab[:, 0].astype(int))
     # Padded rows are zero, real rows come first.
     m = first["mask"]
-    assert np.all(np.diff(m.astype(int), axis=1) <= 0)
+    assert np.all(np.diff(m.astype(int), axis=-1) <= 0)
     assert np.all(first["boxes"][~m] == 0)
     # A fresh pipeline (a resumed process) gives the identical batch at the same position.
     again = TrainBatches(shapes, batch_size=16, max_boxes=12, seed=0).batch(3, 5)
@@ -96,8 +98,23 @@ def test_static_shape_batches_and_resume(shapes):
     assert not np.array_equal(first["image"], tb.batch(4, 5)["image"])
     assert not np.array_equal(first["image"], TrainBatches(shapes, batch_size=16, max_boxes=12, seed=1).batch(3, 5)["image"])
     # Each epoch visits every image at most once (the last partial batch dropped).
-    seen = np.concatenate([tb.indices(2, k) for k in range(tb.steps_per_epoch)])
+    seen = np.concatenate([tb.indices(2, k)[:, 0] for k in range(tb.steps_per_epoch)])
     assert len(np.unique(seen)) == len(seen) == tb.steps_per_epoch * 16
+
+
+def test_mosaic_batches_gather_four_frames(shapes):
+    tb = TrainBatches(shapes, batch_size=16, max_boxes=12, seed=0)
+    plain, mosaic = tb.batch(3, 5), tb.batch(3, 5, mosaic=True)
+    assert mosaic["image"].shape == (16, 4, 128, 128, 3) and mosaic["boxes"].shape == (16, 4, 12, 4)
+    # Frame 0 is the sample itself; frames 1-3 are other images, drawn from (seed, epoch).
+    for k in plain:
+        np.testing.assert_array_equal(mosaic[k][:, :1], plain[k])
+    idx = tb.indices(3, 5, mosaic=True)
+    np.testing.assert_array_equal(mosaic["image"], shapes.images[idx])
+    np.testing.assert_array_equal(idx, TrainBatches(shapes, batch_size=16, max_boxes=12, seed=0).indices(3, 5, mosaic=True))
+    others = np.concatenate([tb.indices(3, k, mosaic=True)[:, 1:] for k in range(tb.steps_per_epoch)])
+    assert len(np.unique(others)) > 0.8 * len(shapes)  # spread over the whole set
+    assert not np.array_equal(idx, tb.indices(4, 5, mosaic=True))
 
 
 def test_batches_split_across_processes(shapes):
@@ -112,13 +129,8 @@ def test_batches_split_across_processes(shapes):
 
 
 def test_positions_cross_epochs_and_stop():
-    class D:
-        images, labels = np.zeros((10, 1, 1, 3), np.uint8), tuple(np.zeros((0, 5), np.float32) for _ in range(10))
-
-        def __len__(self):
-            return 10
-
-    tb = TrainBatches(D(), batch_size=3, max_boxes=2, seed=0)  # 3 batches per epoch
+    d = DetectionData(np.zeros((10, 1, 1, 3), np.uint8), tuple(np.zeros((0, 5), np.float32) for _ in range(10)), ("a",))
+    tb = TrainBatches(d, batch_size=3, max_boxes=2, seed=0)  # 3 batches per epoch
     assert list(tb.positions(0, 2, epochs=2)) == [(0, 2), (1, 0), (1, 1), (1, 2)]
     assert list(tb.positions(1, 1, epochs=3, max_steps=6, done=4)) == [(1, 1), (1, 2)]
     assert list(tb.positions(2, 0, epochs=2)) == []
@@ -185,28 +197,40 @@ def _write_dataset(root, n=3, lines=None, nc=None):
 
 def test_yolo_dir_loads(tmp_path):
     root = _write_dataset(tmp_path / "ds", lines=["0 0.5 0.5 0.2 0.3\n1 0.1 0.2 0.1 0.1\n", None, "\n"], nc=3)
-    d = load_yolo_dir(root, "train", img_size=64)
+    d = load_data(str(root), "train", img_size=64)
     assert d.images.shape == (3, 64, 64, 3) and d.names == ("c0", "c1", "c2")
-    np.testing.assert_allclose(d.labels[0], [[0, 0.5, 0.5, 0.2, 0.3], [1, 0.1, 0.2, 0.1, 0.1]])
+    # 60x40 letterboxed into 64x64: the width fills the frame, the height is centred.
+    top, left, h, w = d.content_rects[0]
+    assert (left, w) == (0, 64) and h == 43 and top == 10
+    assert np.all(d.images[0, :top] == 114) and np.all(d.images[0, top + h :] == 114)
+    np.testing.assert_allclose(d.labels[0][:, [0, 1, 3]], [[0, 0.5, 0.2], [1, 0.1, 0.1]], atol=1e-6)
+    np.testing.assert_allclose(d.labels[0][:, 2], (top + np.array([0.5, 0.2]) * h) / 64, atol=1e-6)
+    np.testing.assert_allclose(d.labels[0][:, 4], np.array([0.3, 0.1]) * h / 64, atol=1e-6)
     assert d.labels[1].shape == (0, 5) and d.labels[2].shape == (0, 5)  # no file / blank file: background
 
 
 def test_yolo_dir_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        load_yolo_dir(tmp_path / "missing", "train")
+        load_data(str(tmp_path / "missing"), "train")
     root = _write_dataset(tmp_path / "nolabels", lines=[None, None, None])
     with pytest.raises(DataError, match="no label files"):
-        load_yolo_dir(root, "train")
+        load_data(str(root), "train")
     root = _write_dataset(tmp_path / "fields", lines=["0 0.5 0.5 0.2\n", "0 0.5 0.5 0.2 0.2\n", ""])
     with pytest.raises(DataError, match=r"im0\.txt:1: expected 5 fields"):
-        load_yolo_dir(root, "train")
+        load_data(str(root), "train")
     root = _write_dataset(tmp_path / "cls", lines=["0 0.5 0.5 0.2 0.2\n", "0 0.5 0.5 0.2 0.2\n4 0.5 0.5 0.2 0.2\n", ""], nc=3)
     with pytest.raises(DataError, match=r"im1\.txt:2: class id 4 >= nc=3"):
-        load_yolo_dir(root, "train")
+        load_data(str(root), "train")
     root = _write_dataset(tmp_path / "range", lines=["0 1.5 0.5 0.2 0.2\n", "", ""])
     with pytest.raises(DataError, match=r"im0\.txt:1: box"):
-        load_yolo_dir(root, "train")
+        load_data(str(root), "train")
+    # A corrupt image is skipped with one warning line naming it; all corrupt is an error.
     root = _write_dataset(tmp_path / "corrupt")
     (root / "images" / "train" / "im1.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"cannot decode image .*im1\.png"):
-        load_yolo_dir(root, "train")
+    warnings = []
+    d = load_data(str(root), "train", warn=warnings.append)
+    assert len(d) == 2 and len(warnings) == 1 and "im1.png" in warnings[0]
+    for i in range(3):
+        (root / "images" / "train" / f"im{i}.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="im0.png"):
+        load_data(str(root), "train", warn=warnings.append)

@@ -1,6 +1,6 @@
-"""Data: the embedded shapes dataset, YOLO-format directories, the input pipeline."""
+"""Data: the embedded shapes set, datasets on disk (data.yaml, COCO, plain folders), the input pipeline."""
 
-from jaxyolo.data.dataset import DataError, DetectionData, load_data, load_embedded, load_yolo_dir
+from jaxyolo.data.dataset import DataError, DetectionData, load_data, load_embedded
 from jaxyolo.data.pipeline import Prefetcher, TrainBatches, epoch_permutation, eval_batches, pad_labels
 from jaxyolo.data.shapes import SHAPE_CLASSES, make_shapes_dataset, render_shapes_image
 
@@ -14,7 +14,6 @@ __all__ = [
     "eval_batches",
     "load_data",
     "load_embedded",
-    "load_yolo_dir",
     "make_shapes_dataset",
     "pad_labels",
     "render_shapes_image",

@@ -1,4 +1,4 @@
-"""In-memory detection datasets and YOLO-format loading.
+"""Detection datasets in memory: the embedded shapes set and datasets on disk.
 
 A :class:`DetectionData` holds ``images (N, S, S, 3) uint8`` and per-image
 labels ``(n_i, 5) [class, cx, cy, w, h]`` normalised; batching lives in
@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxyolo.data.formats import DataError, discover_plain
+from jaxyolo.data.formats import DataError
 
 __all__ = [
     "DetectionData",
     "DataError",
     "load_embedded",
-    "load_yolo_dir",
     "load_data",
     "EMBEDDED_TRAIN_SIZE",
     "EMBEDDED_VAL_SIZE",
@@ -79,39 +78,31 @@ def load_embedded(split: str, *, img_size: int = 128, size: int | None = None) -
 # ------------------------------------------------------------ YOLO format
 
 
-def _load_image(path: Path, img_size: int) -> np.ndarray:
-    from PIL import Image
+def load_data(
+    spec: str, split: str, *, img_size: int = 128, nc: int | None = None, embedded_size: int | None = None,
+    images=None, cache=None, warn=None,
+) -> DetectionData:
+    """One split of a dataset, decoded and letterboxed to ``img_size``.
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((img_size, img_size), Image.BILINEAR)
-            return np.asarray(im, np.uint8)
-    except Exception as e:  # PIL raises several types for corrupt files
-        raise DataError(f"cannot decode image {path}: {e}") from e
-
-
-def load_yolo_dir(root, split: str = "train", *, img_size: int = 128, nc: int | None = None) -> DetectionData:
-    """Load a YOLO-format dataset directory.
-
-    Layout: ``root/images/<split>/*.jpg`` with ``root/labels/<split>/*.txt``
-    (or ``root/images`` + ``root/labels`` for both splits); one line per box,
-    ``class cx cy w h`` normalised.  An image without a label file has no
-    objects.  Class names come from ``root/classes.txt`` (one per line) if it
-    exists, otherwise ``nc`` (or the largest id + 1) numbered classes.
-    Images are resized (stretched) to ``img_size`` x ``img_size``.
-
-    Raises:
-      DataError naming the path/file for: a missing root, no images, no
-      label files at all, a line without 5 fields, a class id >= nc, a box
-      outside [0, 1], an image that fails to decode.
+    Args:
+      spec: ``"embedded"`` (the shapes set, ``embedded_size`` images), an
+        Ultralytics ``data.yaml``, a COCO folder or ``.json`` (with
+        ``images``), or a plain ``images/`` + ``labels/`` folder
+        (:func:`jaxyolo.data.formats.discover`).
+      split: ``"train"`` or ``"val"``.
+      nc: checked against the dataset's class names when given.
+      cache: a folder for the memory-mapped decoded images
+        (``<split>-<S>.npy``; :func:`jaxyolo.data.images.load_split`), or None (RAM).
+      warn: ``callable(str)`` for the skipped-images line.
     """
-    spec = discover_plain(root, split, nc=nc)
-    images = np.stack([_load_image(f, img_size) for f in spec.files])
-    return DetectionData(images, spec.labels, spec.names)
-
-
-def load_data(spec: str, split: str, *, img_size: int = 128, nc: int | None = None, embedded_size: int | None = None) -> DetectionData:
-    """``spec`` is ``"embedded"`` or a YOLO dataset directory."""
     if spec == "embedded":
-        return load_embedded(split, img_size=img_size, size=embedded_size)
-    return load_yolo_dir(spec, split, img_size=img_size, nc=nc)
+        data = load_embedded(split, img_size=img_size, size=embedded_size)
+        if nc is not None and nc != data.nc:
+            raise DataError(f"the embedded dataset has {data.nc} classes {data.names}, but nc={nc}")
+        return data
+    from jaxyolo.data.images import load_dataset
+
+    path = None if cache is None else Path(cache) / f"{split}-{img_size}.npy"
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return load_dataset(spec, split, img_size=img_size, images=images, nc=nc, cache=path, warn=warn)

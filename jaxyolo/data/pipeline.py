@@ -10,6 +10,9 @@ replays the identical next batch.
 
 Per-image augmentation is *not* done here: it runs on the device inside the
 jitted train step (:mod:`jaxyolo.data.augment`), keyed by the global step.
+For a mosaic the pipeline gathers K = 4 frames per sample: the sample itself
+and 3 others drawn uniformly from the dataset (upstream's
+``Mosaic.get_indexes``), also a function of ``(seed, epoch, k)``.
 
 With several processes (multi-host), process ``p`` of ``P`` gathers only
 rows ``[p B / P, (p + 1) B / P)`` of every global batch, and
@@ -55,11 +58,13 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
 
 
 class TrainBatches:
-    """Training batches by position: ``batch(epoch, k)`` is a dict of numpy
-    arrays ``image (b, S, S, 3) uint8``, ``boxes (b, M, 4)``, ``classes (b, M)``,
-    ``mask (b, M)`` where ``b = batch_size / process_count`` are this
-    process's rows of global batch ``k`` of ``epoch``.  The last partial
-    batch of an epoch is dropped (static shapes).
+    """Training batches by position: ``batch(epoch, k, mosaic)`` is a dict of
+    numpy arrays ``image (b, K, S, S, 3) uint8``, ``rects (b, K, 4)`` int32
+    content rectangles ``[top, left, h, w]``, ``boxes (b, K, M, 4)``,
+    ``classes (b, K, M)``, ``mask (b, K, M)``, where ``b = batch_size /
+    process_count`` are this process's rows of global batch ``k`` of
+    ``epoch`` and K = 4 with ``mosaic`` (the sample, then 3 random others),
+    else 1.  The last partial batch of an epoch is dropped (static shapes).
 
     Args:
       data: a :class:`jaxyolo.data.DetectionData` (``images`` may be a memmap).
@@ -75,25 +80,33 @@ class TrainBatches:
         if batch_size % process_count:
             raise ValueError(f"batch={batch_size} is not divisible by the {process_count} processes")
         self.images = data.images
+        self.rects = np.asarray(data.content_rects, np.int32)
         self.labels = pad_labels(data.labels, max_boxes)
         self.n = len(data)
         self.batch_size, self.seed = batch_size, seed
         self.steps_per_epoch = self.n // batch_size
         per = batch_size // process_count
         self._rows = slice(process_index * per, (process_index + 1) * per)
-        self._perm_epoch, self._perm = None, None
+        self._epoch, self._perm, self._others = None, None, None
 
-    def indices(self, epoch: int, k: int) -> np.ndarray:
-        """Dataset indices of this process's rows of batch ``k`` of ``epoch``."""
+    def _draw(self, epoch: int):
+        if self._epoch != epoch:
+            self._perm = epoch_permutation(self.n, seed=self.seed, epoch=epoch)
+            self._others = np.random.default_rng([self.seed, epoch, 4]).integers(0, self.n, (self.n, 3))
+            self._epoch = epoch
+
+    def indices(self, epoch: int, k: int, *, mosaic: bool = False) -> np.ndarray:
+        """Dataset indices ``(b, K)`` of this process's rows of batch ``k`` of ``epoch``."""
         if not 0 <= k < self.steps_per_epoch:
             raise IndexError(f"batch {k} out of range for {self.steps_per_epoch} batches per epoch")
-        if self._perm_epoch != epoch:
-            self._perm, self._perm_epoch = epoch_permutation(self.n, seed=self.seed, epoch=epoch), epoch
-        return self._perm[k * self.batch_size : (k + 1) * self.batch_size][self._rows]
+        self._draw(epoch)
+        rows = slice(k * self.batch_size, (k + 1) * self.batch_size)
+        idx = self._perm[rows][self._rows, None]
+        return np.concatenate([idx, self._others[rows][self._rows]], axis=1) if mosaic else idx
 
-    def batch(self, epoch: int, k: int) -> dict:
-        idx = self.indices(epoch, k)
-        return {"image": self.images[idx], **{name: a[idx] for name, a in self.labels.items()}}
+    def batch(self, epoch: int, k: int, *, mosaic: bool = False) -> dict:
+        idx = self.indices(epoch, k, mosaic=mosaic)
+        return {"image": self.images[idx], "rects": self.rects[idx], **{name: a[idx] for name, a in self.labels.items()}}
 
     def positions(self, epoch: int, k: int, *, epochs: int, max_steps: int | None = None, done: int = 0):
         """Yield ``(epoch, k)`` from the given position to the end of

@@ -19,12 +19,18 @@ class TrainConfig:
 
     Attributes:
       loss: ``"yolov8" | "yolov5" | "yolox"``; also picks the head.
-      data: ``"embedded"`` or a YOLO dataset directory.
-      nc: number of classes for a YOLO directory (None: from classes.txt or labels).
+      data: ``"embedded"``, an Ultralytics ``data.yaml``, a COCO folder
+        (``annotations/instances_<split>*.json``) or ``.json`` file, or a
+        plain ``images/`` + ``labels/`` folder (:func:`jaxyolo.data.load_data`).
+      images: the images folder of a single COCO ``.json`` ``data``.
+      nc: number of classes, checked against the dataset's names (None: from the dataset).
       epochs, img_size, batch: the usual.
       model_size: ``"pico" | "nano" | "small"`` (:data:`jaxyolo.models.MODEL_SIZES`).
       train_size, val_size: number of embedded images (ignored for a directory).
-      max_boxes: M, the padded number of boxes per image (static shape).
+      max_boxes: M, the padded number of boxes per image (static shape) of
+        the stored labels and of the augmented targets the loss sees (a
+        mosaic holds up to 4 images' boxes: boxes beyond M are cut and
+        counted in the ``boxes_cut`` log column).
       optimizer: ``"sgd"`` (Nesterov, momentum) or ``"adamw"`` (betas ``(momentum, 0.999)``).
       lr0: peak learning rate; lrf: final LR as a fraction of lr0.
       momentum: SGD momentum / AdamW beta1 (0.937 as YOLO).
@@ -41,7 +47,13 @@ class TrainConfig:
       grad_clip: max global gradient norm (None: no clipping).
       ema_decay, ema_tau: ModelEMA ``d = ema_decay * (1 - exp(-updates / tau))``;
         ``ema_tau=None`` picks ``total_steps / 5`` (see :func:`ema_tau_for`).
-      flip: horizontal flip probability (drawn on the device from ``(seed, step)``).
+      mosaic, degrees, translate, scale, shear, perspective, hsv_h, hsv_s,
+        hsv_v, flipud, fliplr: the augmentations at ultralytics' default
+        strengths (:class:`jaxyolo.data.augment.AugmentConfig`; 0 disables
+        one), run on the device inside the train step, drawn from ``(seed,
+        step)``; ``mosaic`` is the probability of a 4-image mosaic.
+      close_mosaic: no mosaic in the last this many epochs (ultralytics
+        defaults to 10 of 100+ epochs; here 4 of the default 12, see the README).
       precision: ``"fp32"`` or ``"bf16"``: convolutions and activations in
         bfloat16; parameters, optimiser state, EMA and BatchNorm statistics
         in float32, and the losses computed in float32.
@@ -54,6 +66,7 @@ class TrainConfig:
 
     loss: str = "yolov8"
     data: str = "embedded"
+    images: str | None = None
     nc: int | None = None
     epochs: int = 12
     img_size: int = 128
@@ -61,7 +74,7 @@ class TrainConfig:
     model_size: str = "pico"
     train_size: int = 3000
     val_size: int = 400
-    max_boxes: int = 16
+    max_boxes: int = 32
     optimizer: str = "adamw"
     lr0: float = 0.003
     lrf: float = 0.01
@@ -74,7 +87,18 @@ class TrainConfig:
     grad_clip: float | None = 10.0
     ema_decay: float = 0.9999
     ema_tau: float | None = None
-    flip: float = 0.5
+    mosaic: float = 1.0
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.5
+    shear: float = 0.0
+    perspective: float = 0.0
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    flipud: float = 0.0
+    fliplr: float = 0.5
+    close_mosaic: int = 4
     precision: str = "fp32"
     seed: int = 0
     conf_thres: float = 0.001
@@ -95,6 +119,25 @@ class TrainConfig:
             raise ValueError(f"img_size must be a multiple of 32, got {self.img_size}")
         if not self.lr0 > 0:
             raise ValueError(f"lr0 must be > 0, got {self.lr0}")
+        if not isinstance(self.close_mosaic, int) or self.close_mosaic < 0:
+            raise ValueError(f"close_mosaic must be an int >= 0, got {self.close_mosaic!r}")
+        self.augment_config()  # validates the strengths
+
+    def augment_config(self, *, mosaic: bool = True):
+        """The :class:`~jaxyolo.data.augment.AugmentConfig` of this run
+        (``mosaic=False``: the same without mosaic, for the closing epochs)."""
+        from jaxyolo.data.augment import AugmentConfig
+
+        names = [f.name for f in dataclasses.fields(AugmentConfig)]
+        try:
+            aug = AugmentConfig(**{k: getattr(self, k) for k in names})
+        except ValueError as e:
+            raise ValueError(str(e).replace("AugmentConfig.", "")) from None
+        return aug if mosaic else dataclasses.replace(aug, mosaic=0.0)
+
+    def mosaic_in_epoch(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) samples 4-image mosaics."""
+        return self.mosaic > 0 and epoch < self.epochs - self.close_mosaic
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

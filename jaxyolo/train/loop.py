@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from jaxyolo import parallel
-from jaxyolo.data import load_data
+from jaxyolo.data import DataError, load_data
 from jaxyolo.data.pipeline import Prefetcher, TrainBatches
 from jaxyolo.evaluate import evaluate_model
 from jaxyolo.train import checkpoint as ckpt
@@ -40,11 +40,14 @@ from jaxyolo.train.step import Session, main_loss_names, new_acc
 __all__ = ["train", "evaluate_checkpoint", "load_session"]
 
 
-def _load(config: TrainConfig, data):
+def _load(config: TrainConfig, data, cache):
     if data is not None:
         return data
-    train_data = load_data(config.data, "train", img_size=config.img_size, nc=config.nc, embedded_size=config.train_size)
-    val_data = load_data(config.data, "val", img_size=config.img_size, nc=config.nc, embedded_size=config.val_size)
+    kw = dict(img_size=config.img_size, nc=config.nc, images=config.images, cache=cache)
+    train_data = load_data(config.data, "train", embedded_size=config.train_size, **kw)
+    val_data = load_data(config.data, "val", embedded_size=config.val_size, **kw)
+    if val_data.names != train_data.names:
+        raise DataError(f"{config.data}: the val split's classes {val_data.names[:5]}... differ from the train split's {train_data.names[:5]}...")
     return train_data, val_data
 
 
@@ -57,7 +60,7 @@ def _evaluate(session: Session, val_data, *, batch_size=None):
 
 def train(
     config: TrainConfig, out_dir, *, resume: bool = False, progress: bool = True, log=print, data=None,
-    log_every: int = 50, devices: int | None = None, prefetch: int = 2,
+    log_every: int = 50, devices: int | None = None, prefetch: int = 2, cache=None,
 ):
     """Train, evaluate every ``eval_every`` epochs, checkpoint every epoch.
 
@@ -75,6 +78,9 @@ def train(
         sync); they never change the training itself.
       devices: use the first N local devices (None: all devices of all processes).
       prefetch: batches gathered and transferred ahead of the step (>= 1).
+      cache: a folder for the decoded-image cache of a dataset on disk
+        (``<split>-<S>.npy`` memory-mapped files; a second run decodes
+        nothing); None keeps the decoded images in RAM.
 
     Returns:
       dict with ``map50``, ``map50_95`` (final, EMA model, val split; None
@@ -107,7 +113,7 @@ def train(
             config = dataclasses.replace(TrainConfig.from_json(meta["config"]), max_steps=config.max_steps)
         # Validate every input before the first write into out_dir.
         parallel.check_batch(config.batch, mesh)
-        train_data, val_data = _load(config, data)
+        train_data, val_data = _load(config, data, cache)
         batches = TrainBatches(
             train_data, batch_size=config.batch, max_boxes=config.max_boxes, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
@@ -162,7 +168,8 @@ def train(
         losses, log_times, last_eval, bar = [], [], None, None
         t_epoch = time.perf_counter()
         positions = batches.positions(epoch, start, epochs=config.epochs, max_steps=config.max_steps, done=done)
-        stream = stack.enter_context(Prefetcher(((pos, batches.batch(*pos)) for pos in positions), sharding=session.batch_sharding, depth=prefetch))
+        host = ((pos, batches.batch(*pos, mosaic=config.mosaic_in_epoch(pos[0]))) for pos in positions)
+        stream = stack.enter_context(Prefetcher(host, sharding=session.batch_sharding, depth=prefetch))
         for (ep, k), batch in stream:
             if bar is None:
                 bar = tqdm(total=spe, initial=k, desc=f"epoch {ep + 1}/{config.epochs}", disable=not (progress and primary), dynamic_ncols=True)
@@ -238,12 +245,20 @@ def load_session(path, *, devices: int | None = None):
     return session, {**meta, "step": latest}
 
 
-def evaluate_checkpoint(path, *, log=print, batch_size: int | None = None, data=None, devices: int | None = None):
+def evaluate_checkpoint(path, *, log=print, batch_size: int | None = None, data=None, devices: int | None = None, images=None):
     """Evaluate the EMA model of the latest checkpoint in run ``path`` on the
-    val split of its config's data (or ``data``).  Returns ``{"map50", "map50_95"}``."""
+    val split of its config's data, or of ``data`` (a dataset spec as
+    ``TrainConfig.data``, with ``images`` for a COCO ``.json``, or a
+    :class:`DetectionData`).  Returns ``{"map50", "map50_95"}``."""
     session, meta = load_session(path, devices=devices)
     config = session.config
-    val_data = data if data is not None else load_data(config.data, "val", img_size=config.img_size, nc=config.nc, embedded_size=config.val_size)
+    if data is None or isinstance(data, str):
+        spec, imgs = (config.data, config.images) if data is None else (data, images)
+        val_data = load_data(spec, "val", img_size=config.img_size, images=imgs, embedded_size=config.val_size)
+    else:
+        val_data = data
+    if tuple(val_data.names) != tuple(meta["names"]):
+        raise DataError(f"the checkpoint's {len(meta['names'])} classes {tuple(meta['names'])[:5]} differ from the dataset's {val_data.names[:5]}")
     if batch_size is not None:
         parallel.check_batch(batch_size, session.mesh)
     res = _evaluate(session, val_data, batch_size=batch_size)

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 import jaxyolo
+from jaxyolo.data.augment import augment
 from jaxyolo.evaluate import batched_nms
 from jaxyolo.models import build_detector
 from jaxyolo.targets import Targets
@@ -29,7 +30,7 @@ from jaxyolo import parallel
 from jaxyolo.train.config import TrainConfig
 from jaxyolo.train.optim import ema_decay, ema_tau_for, ema_update, make_optimizer
 
-__all__ = ["make_objective", "main_loss_names", "log_names", "Session", "new_acc", "flip_lr"]
+__all__ = ["make_objective", "main_loss_names", "log_names", "Session", "new_acc"]
 
 
 def make_objective(config: TrainConfig, *, strides, nc: int, reg_max: int = 16, anchors=None):
@@ -73,8 +74,9 @@ def main_loss_names(loss: str):
 
 
 def log_names(loss: str):
-    """Every value the train step logs, in column order."""
-    return ("loss", *main_loss_names(loss), "lr", "grad_norm")
+    """Every value the train step logs, in column order (``boxes_cut``: boxes
+    of the augmented batch beyond ``max_boxes``, dropped; see TrainConfig)."""
+    return ("loss", *main_loss_names(loss), "lr", "grad_norm", "boxes_cut")
 
 
 # ---------------------------------------------------------- logged values
@@ -106,28 +108,6 @@ def _accumulate(acc, logs, step):
     }
 
 
-# ------------------------------------------------------ on-device augment
-
-
-def flip_lr(key, images, targets: Targets, *, p: float):
-    """Horizontal flip of each image with probability ``p``, on the device.
-
-    Args:
-      key: a ``jax.random`` key (one draw per image).
-      images: ``(B, H, W, 3)`` any dtype.
-      targets: ``(B, M)`` normalised cxcywh; flipped images get ``cx -> 1 - cx``
-        on their real boxes (padded rows stay zero).
-
-    Returns:
-      ``(images, targets)`` of the same shapes and dtypes.
-    """
-    flip = jax.random.bernoulli(key, p, (images.shape[0],))
-    images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
-    cx = targets.boxes[..., 0]
-    cx = jnp.where(flip[:, None] & targets.mask, 1.0 - cx, cx)
-    return images, dataclasses.replace(targets, boxes=targets.boxes.at[..., 0].set(cx))
-
-
 # ---------------------------------------------------------------- session
 
 
@@ -156,8 +136,10 @@ class Session:
       log_every: the window of per-step losses kept in ``acc`` (the log interval).
 
     ``train_step(state, ema, acc, batch) -> (state, ema, acc)`` with ``batch``
-    a dict ``image (B, S, S, 3) uint8``, ``boxes (B, M, 4)``, ``classes
-    (B, M)``, ``mask (B, M)``; the flip is drawn on the device from
+    the pipeline's dict (:class:`jaxyolo.data.TrainBatches`): ``image (B, K,
+    S, S, 3) uint8``, ``rects (B, K, 4)``, ``boxes (B, K, M, 4)``, ``classes
+    (B, K, M)``, ``mask (B, K, M)`` with K = 4 in mosaic epochs, else 1 (one
+    compile each).  The augmentations run first, drawn on the device from
     ``(config.seed, step)``.  ``acc["last"]`` holds the step's logged values.
     ``predict(params, stats, images uint8) -> batched_nms outputs``.
     """
@@ -212,11 +194,10 @@ class Session:
 
     def _train_step(self, state, ema, acc, batch):
         config = self.config
+        key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        aug = config.augment_config(mosaic=batch["image"].shape[1] == 4)
         targets = Targets(batch["boxes"], batch["classes"], batch["mask"])
-        images = batch["image"]
-        if config.flip > 0:
-            key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-            images, targets = flip_lr(key, images, targets, p=config.flip)
+        images, targets, cut = augment(key, batch["image"], batch["rects"], targets, config=aug, max_boxes=config.max_boxes)
 
         def loss_fn(params, stats):
             # Fresh Variables at this trace level (BatchNorm mutates its stats).
@@ -236,14 +217,17 @@ class Session:
         step = state["step"] + 1
         d = ema_decay(step, decay=config.ema_decay, tau=self.ema_tau)
         new_ema = ema_update(ema, {"params": params, "stats": stats}, d)
-        logs = dict(logs, lr=self.schedule(state["step"]), grad_norm=optax.global_norm(grads))
+        logs = dict(logs, lr=self.schedule(state["step"]), grad_norm=optax.global_norm(grads), boxes_cut=cut.sum())
         logs = {k: jnp.asarray(logs[k], jnp.float32) for k in self.names}
         acc = _accumulate(acc, logs, step)
         return {"params": params, "stats": stats, "opt_state": opt_state, "step": step}, new_ema, acc
 
-    def _predict(self, params, stats, images):
+    def decode_images(self, params, stats, images):
+        """Eval-mode forward + decode: ``images (B, H, W, 3) uint8`` ->
+        ``(boxes (B, A, 4) xyxy px, scores (B, A, nc))`` float32 (not jitted)."""
         model = nnx.merge(self.graph_eval, _cast_floats(params, self.dtype), stats)
-        preds = [p.astype(jnp.float32) for p in model(_to_float_images(images, self.dtype))]
-        boxes, scores = self.decode(preds)
+        return self.decode([p.astype(jnp.float32) for p in model(_to_float_images(images, self.dtype))])
+
+    def _predict(self, params, stats, images):
         c = self.config
-        return batched_nms(boxes, scores, conf_thres=c.conf_thres, iou_thres=c.iou_thres, max_det=c.max_det)
+        return batched_nms(*self.decode_images(params, stats, images), conf_thres=c.conf_thres, iou_thres=c.iou_thres, max_det=c.max_det)
