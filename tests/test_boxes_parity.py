@@ -35,6 +35,11 @@ def _edge_pairs_xyxy():
         ([0, 0, 0, 0], [1, 2, 3, 4]),  # padded vs real
         ([2, 2, 1, 3], [0, 0, 3, 3]),  # negative width (raw prediction)
         ([2, 3, 4, 1], [0, 0, 3, 3]),  # negative height
+        ([1, 1, 1, 1], [1, 1, 1, 1]),  # two identical points
+        ([0, 0, 1e-9, 1e-9], [0, 0, 1, 1]),  # sides far below eps (where the yolov5 and YOLOv9 heights differ)
+        ([0, 0, 1, 1e-9], [0, 0, 1, 1]),  # height far below eps
+        ([0, 0, 1e-9, 1], [0, 0, 1, 1]),  # width far below eps
+        ([0, 0, 2, 5e-8], [0, 1e-8, 3, 1e-7]),  # two flat boxes, heights below eps
     ]
     a, b = zip(*pairs)
     return np.array(a, np.float32), np.array(b, np.float32)
@@ -57,12 +62,15 @@ def _ours(a, b, *, xywh, kind, convention):
 
 
 def _upstream_module(oracles, convention):
+    """The module whose ``bbox_iou`` defines ``convention``."""
     if convention == "yolov5":
         return oracles.yolov5_modules()[1]
+    if convention == "yolov9":
+        return oracles.yolov9_modules()[2]
     return oracles.ultralytics_modules()[2]
 
 
-@pytest.mark.parametrize("convention", ["yolov5", "ultralytics"])
+@pytest.mark.parametrize("convention", jaxyolo.boxes.CONVENTIONS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("xywh", [False, True])
 def test_bbox_iou_matches_upstream_random(oracles, rng, convention, kind, xywh):
@@ -77,7 +85,7 @@ def test_bbox_iou_matches_upstream_random(oracles, rng, convention, kind, xywh):
     np.testing.assert_allclose(gb, ref_gb, **GRAD_TOL)
 
 
-@pytest.mark.parametrize("convention", ["yolov5", "ultralytics"])
+@pytest.mark.parametrize("convention", jaxyolo.boxes.CONVENTIONS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("xywh", [False, True])
 def test_bbox_iou_edge_cases(oracles, convention, kind, xywh):
@@ -108,17 +116,34 @@ def test_bbox_iou_broadcasts_like_upstream(oracles, rng):
 
 
 def test_bbox_iou_conventions_differ_where_documented(oracles):
-    """yolov5 clamps h to eps, ultralytics adds eps: a height below eps tells them
-    apart, and each convention matches its own upstream there."""
+    """yolov5 clamps h to eps, ultralytics and YOLOv9 add eps: a height below eps
+    tells them apart, and each convention matches its own upstream there."""
     a = np.array([[0.0, 0.0, 1.0, 0.05]], np.float32)  # height 0.05 < eps = 0.1
     b = np.array([[0.0, 0.0, 1.0, 1.0]], np.float32)
-    v5 = np.asarray(jaxyolo.bbox_iou(a, b, kind="iou", eps=0.1, convention="yolov5"))
-    ul = np.asarray(jaxyolo.bbox_iou(a, b, kind="iou", eps=0.1, convention="ultralytics"))
-    assert abs(v5[0] - ul[0]) > 1e-3
-    for conv, got in (("yolov5", v5), ("ultralytics", ul)):
+    got = {c: np.asarray(jaxyolo.bbox_iou(a, b, kind="iou", eps=0.1, convention=c)) for c in B.CONVENTIONS}
+    assert abs(got["yolov5"][0] - got["ultralytics"][0]) > 1e-3
+    assert abs(got["yolov5"][0] - got["yolov9"][0]) > 1e-3
+    for conv in B.CONVENTIONS:
         mod = _upstream_module(oracles, conv)
         ref = oracles.numpy(mod.bbox_iou(oracles.tensor(a), oracles.tensor(b), xywh=False, eps=0.1))[..., 0]
-        np.testing.assert_allclose(got, ref, **VALUE_TOL)
+        np.testing.assert_allclose(got[conv], ref, **VALUE_TOL)
+
+
+def test_yolov9_convention_is_yolov9s_not_yolov5s(oracles):
+    """YOLOv9's ``bbox_iou`` adds eps to the height like ultralytics, not yolov5's clamp:
+    on boxes with sides below eps (default eps) the yolov5 convention misses YOLOv9's
+    CIoU and its gradient by far more than the parity tolerance; "yolov9" matches."""
+    a, b = _edge_pairs_xyxy()
+    tiny = slice(-4, None)  # the sub-eps pairs
+    ref, ref_ga, ref_gb = _upstream_iou(_upstream_module(oracles, "yolov9"), a[tiny], b[tiny], xywh=False, kind="ciou",
+                                        oracles=oracles)
+    v9 = _ours(a[tiny], b[tiny], xywh=False, kind="ciou", convention="yolov9")
+    v5 = _ours(a[tiny], b[tiny], xywh=False, kind="ciou", convention="yolov5")
+    np.testing.assert_allclose(v9[0], ref, **VALUE_TOL)
+    np.testing.assert_allclose(v9[1], ref_ga, **GRAD_TOL)
+    np.testing.assert_allclose(v9[2], ref_gb, **GRAD_TOL)
+    assert np.max(np.abs(v5[0] - ref) / np.abs(ref)) > 1e-3
+    assert np.max(np.abs(v5[1] - ref_ga)) > 1e-2
 
 
 @pytest.mark.parametrize("flavour", ["yolov5", "ultralytics"])

@@ -59,7 +59,7 @@ def test_dfl_targets_must_be_grid_units(rng):
     assert ltrb_pred.max() <= reg_max - 1 + 1e-4
 
 
-@pytest.mark.parametrize("convention", ["ultralytics", "yolov5"])
+@pytest.mark.parametrize("convention", jaxyolo.boxes.CONVENTIONS)
 def test_ciou_is_scale_invariant(rng, convention):
     """CIoU(s p, s t) == CIoU(p, t): the box term is the same in grid units or pixels,
     so only the DFL term decides the unit."""

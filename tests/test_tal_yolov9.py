@@ -14,6 +14,7 @@ from conftest import GRAD_TOL, VALUE_TOL
 from test_tal_helpers import compare, make_preds, make_rows, run_jax, targets_from_rows
 
 from jaxyolo import TalLossConfig
+from jaxyolo.assign.tal import task_aligned_details
 
 STRIDES = (8, 16, 32)
 
@@ -95,3 +96,44 @@ def test_presets_differ_on_tiny_gts(rng):
     v9 = run_jax(preds, targets, config=TalLossConfig(preset="yolov9"))
     assert v8["assign"]["fg_mask"].sum() > v9["assign"]["fg_mask"].sum()
     assert abs(v8["components"][0] - v9["components"][0]) > 1e-3 * v8["components"][0]  # box term
+
+
+def test_assigner_on_degenerate_boxes(oracles, rng):
+    """The preset's CIoU is YOLOv9's ``bbox_iou`` (``h + eps``), not yolov5's (``clamp(h, eps)``):
+    on flat, point-like and sub-eps GT and predicted boxes the dense overlaps, the align metric
+    and the assignment equal upstream ``TaskAlignedAssigner``'s.
+
+    Every anchor inside a GT predicts a jittered copy of the first such GT (positive metric,
+    so top-1 has no zero ties); the other anchors predict the degenerate GTs themselves and
+    zero-height boxes, which only the sub-eps arithmetic scores."""
+    anchors = np.stack(np.meshgrid(np.arange(4) * 8 + 4.0, np.arange(4) * 8 + 4.0), -1).reshape(16, 2)
+    gt = np.array([
+        [[2, 2, 14, 9], [0, 0, 10, 1e-9], [5, 5, 5, 5], [0, 0, 3e-8, 6e-8], [9, 3, 30, 25], [1, 20, 25, 20 + 5e-8]],
+        [[3, 3, 28, 28], [0, 0, 1e-9, 1e-9], [12, 0, 20, 0], [6, 6, 7, 6 + 1e-8], [0, 0, 0, 0], [0, 0, 0, 0]],
+    ])
+    mask = np.array([[True] * 6, [True] * 4 + [False] * 2])
+    degenerate = [[0, 0, 10, 1e-9], [5, 5, 5, 5], [0, 0, 3e-8, 6e-8], [0, 0, 1e-9, 1e-9], [12, 0, 20, 0],
+                  [6, 6, 7, 6 + 1e-8], [1, 20, 25, 20], [0, 0, 2, 1e-9]]
+    pd = np.zeros((2, 16, 4))
+    for b in range(2):
+        free = 0
+        for a, (x, y) in enumerate(anchors):
+            inside = mask[b] & (gt[b, :, 0] < x) & (x < gt[b, :, 2]) & (gt[b, :, 1] < y) & (y < gt[b, :, 3])
+            if inside.any():
+                pd[b, a] = gt[b, np.argmax(inside)] + rng.uniform(-1, 1, 4)
+            else:
+                pd[b, a], free = degenerate[free % len(degenerate)], free + 1
+    pd, gt, anchors = pd.astype(np.float32), gt.astype(np.float32), anchors.astype(np.float32)
+    labels = rng.integers(0, 3, (2, 6))
+    scores = rng.uniform(0.05, 0.95, (2, 16, 3)).astype(np.float32)
+    ref = oracles.yolov9_assign(scores, pd, anchors, labels, gt, mask, nc=3, topk=1)
+    ours = task_aligned_details(scores, pd, anchors, labels, gt, mask, preset="yolov9", topk=1)
+    ours = {k: np.asarray(v) for k, v in ours._asdict().items()}
+    np.testing.assert_allclose(ours["overlaps"], ref["overlaps"], **VALUE_TOL)
+    np.testing.assert_allclose(ours["align_metric"], ref["align_metric"], rtol=1e-5, atol=1e-12)
+    flat = np.abs(gt[..., 3] - gt[..., 1]) < 1e-7  # (2, 6) GTs with height below eps
+    assert (ref["overlaps"][flat] > 1e-3).any()  # the sub-eps arithmetic is exercised
+    assert ref["fg_mask"].sum() >= 3
+    np.testing.assert_array_equal(ours["mask_pos"], ref["mask_pos"])
+    np.testing.assert_array_equal(ours["fg_mask"], ref["fg_mask"])
+    np.testing.assert_allclose(ours["target_scores"], ref["target_scores"], **VALUE_TOL)

@@ -56,7 +56,8 @@ def yolox_modules():
 
 @functools.cache
 def yolov9_modules():
-    """``(loss_tal, assigner)``: YOLOv9's ``utils/loss_tal.py`` and ``utils/tal/assigner.py`` from yolo9==1.0.18.
+    """``(loss_tal, assigner, metrics)``: YOLOv9's ``utils/loss_tal.py``, ``utils/tal/assigner.py`` and
+    ``utils/metrics.py`` from yolo9==1.0.18.
 
     yolo9 (WongKinYiu/yolov9 packaged) imports its own modules as top-level
     ``utils.*`` / ``models.*`` and appends its folder to ``sys.path``; yolov5
@@ -79,17 +80,17 @@ def yolov9_modules():
     sys.path.insert(0, root)
     try:
         loss_tal = importlib.import_module("yolo9.utils.loss_tal")
-        assigner = sys.modules["utils.tal.assigner"]
+        assigner, metrics = sys.modules["utils.tal.assigner"], sys.modules["utils.metrics"]
     finally:
         for k in [k for k in sys.modules if owned(k)]:
             del sys.modules[k]
         sys.modules.update(saved_modules)
         sys.path[:] = saved_path
-    metrics = os.path.join(root, "utils", "metrics.py")
-    for fn in (loss_tal.bbox_iou, assigner.bbox_iou):
-        if os.path.realpath(fn.__code__.co_filename) != os.path.realpath(metrics):
-            raise ImportError(f"yolo9's loss imported bbox_iou from {fn.__code__.co_filename}, not {metrics}")
-    return loss_tal, assigner
+    want = os.path.realpath(os.path.join(root, "utils", "metrics.py"))
+    for fn in (loss_tal.bbox_iou, assigner.bbox_iou, metrics.bbox_iou):
+        if os.path.realpath(fn.__code__.co_filename) != want:
+            raise ImportError(f"yolo9's loss imported bbox_iou from {fn.__code__.co_filename}, not {want}")
+    return loss_tal, assigner, metrics
 
 
 def tensor(x, *, grad=False, dtype=None):

@@ -53,7 +53,7 @@ def _configure(assigner, *, topk, alpha, beta):
 def make_yolov9_criterion(*, strides=(8, 16, 32), nc=80, reg_max=16, topk=10, alpha=0.5, beta=6.0, cls_pw=1.0,
                           fl_gamma=0.0):
     """An upstream YOLOv9 ``ComputeLoss`` on a fake model (see the module docstring)."""
-    loss_tal, _ = yolov9_modules()
+    loss_tal, _, _ = yolov9_modules()
     crit = loss_tal.ComputeLoss(_fake_model(strides=strides, nc=nc, reg_max=reg_max, cls_pw=cls_pw, fl_gamma=fl_gamma))
     _configure(crit.assigner, topk=topk, alpha=alpha, beta=beta)
     return crit
@@ -70,7 +70,7 @@ def _capturing(assigner):
     ``select_highest_overlaps`` (a module-level function upstream, wrapped for
     the duration).
     """
-    _, assigner_mod = yolov9_modules()
+    _, assigner_mod, _ = yolov9_modules()
     captured = {}
     orig_pos, orig_sel = assigner.get_pos_mask, assigner_mod.select_highest_overlaps
 
@@ -126,7 +126,7 @@ def yolov9_assign(pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_g
       ``align_metric``, ``overlaps``, ``mask_pos`` ``(B, M, A)`` and
       ``target_gt_idx`` ``(B, A)``.
     """
-    _, assigner_mod = yolov9_modules()
+    _, assigner_mod, _ = yolov9_modules()
     assigner = _configure(assigner_mod.TaskAlignedAssigner(num_classes=nc), topk=topk, alpha=alpha, beta=beta)
     with _capturing(assigner) as captured:
         assigner(
@@ -157,7 +157,7 @@ def yolov9_loss(preds_nhwc, targets, *, strides=(8, 16, 32), nc=80, reg_max=16, 
     if cls_loss not in ("bce", "varifocal"):
         raise ValueError(f"cls_loss must be 'bce' or 'varifocal', got {cls_loss!r}")
     t = torch()
-    loss_tal, _ = yolov9_modules()
+    loss_tal, _, _ = yolov9_modules()
     crit = make_yolov9_criterion(strides=strides, nc=nc, reg_max=reg_max, topk=topk, alpha=alpha, beta=beta,
                                  cls_pw=cls_pw, fl_gamma=fl_gamma)
     rows = targets.to_rows() if hasattr(targets, "to_rows") else np.asarray(targets, np.float32).reshape(-1, 6)
