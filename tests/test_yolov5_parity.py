@@ -425,6 +425,19 @@ def test_anchor_t_is_strict():
     assert set(p3_anchor0[:, 10].astype(int)) == {1, 3}  # classes of the matched rows
 
 
+def test_anchor_t_ratio_is_a_true_division():
+    """A 12-px-high box against the 30-px-high P3 anchor 1 on a 64 px image: r = 1.5 / 3.75
+    rounds to 0.4f and 1 / r to exactly 2.5 = anchor_t in torch, so upstream rejects the
+    pair.  XLA's ``x / broadcast(a) -> x * broadcast(1 / a)`` rewrite gave 1 / r = 2.4999998
+    and accepted it (found by test_property_build_targets)."""
+    rows = np.array([[1, 0, 0.0546875, 0.125, 0.109375, 0.1875]], np.float32)  # x 0..7, y 2..14 px
+    targets, preds = standard(np.random.default_rng(17), rows)
+    config = jaxyolo.Yolov5LossConfig(anchor_t=2.5)
+    ref = Yolov5Oracle(anchors=ANCHORS_P5, strides=P5, nc=NC, hyp=config.hyp()).build_targets(preds, targets)
+    assert set(ref[0][:, 1].astype(int)) == {0}  # only P3 anchor 0 matches upstream
+    assert_rows_match(targets, preds, anchors=ANCHORS_P5, strides=P5, config=config, oracle_rows=ref)
+
+
 @settings(max_examples=30)
 @given(
     seed=st.integers(0, 2**31 - 1),
