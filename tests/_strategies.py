@@ -9,9 +9,9 @@ test strictly:
 * corners are often anchor centres ``(i + 0.5) * stride``: a GT edge exactly on an
   anchor centre is where TAL's in-box test ``delta > eps`` and YOLOX's in-box test
   ``delta > 0`` decide;
-* centres are often multiples of 8 px: YOLOX's centre region (``2.5`` strides
-  around the GT centre) then ends exactly on anchor centres, and YOLOv5's
-  ``build_targets`` sees centres on cell borders and half-cells;
+* centres are often multiples of 4 px: at multiples of a stride YOLOX's centre
+  region (``2.5`` strides around the GT centre) ends exactly on anchor centres,
+  and YOLOv5's ``build_targets`` sees centres on cell borders and half-cells;
 * sides are often exactly one of ``sides`` (e.g. TAL's small-box threshold
   ``strides[1]``, where the enlargement rule ``side < threshold`` flips).
 
@@ -34,8 +34,8 @@ def _anchor_centres(extent, strides):
 def _span(draw, extent, lattice, sides, min_side):
     """``(lo, hi)`` whole-pixel interval of length >= min_side inside ``[0, extent]``."""
     mode = draw(st.sampled_from(("corners", "centre")))
-    if mode == "centre":  # centre on a multiple of 8 px, half-side whole
-        centre = draw(st.sampled_from(list(range(8, extent, 8))))
+    if mode == "centre":  # centre on a multiple of 4 px, half-side whole
+        centre = draw(st.sampled_from(list(range(4, extent, 4))))
         half_sides = sorted({s // 2 for s in sides if s % 2 == 0} | {max(1, (min_side + 1) // 2)})
         half = draw(st.one_of(st.integers(max(1, (min_side + 1) // 2), min(centre, extent - centre)),
                               st.sampled_from([h for h in half_sides if h <= min(centre, extent - centre)] or [1])))

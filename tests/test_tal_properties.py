@@ -8,16 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _strategies import gt_rows
 from conftest import VALUE_TOL
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from _strategies import gt_rows
 from test_tal_helpers import make_preds, make_rows, targets_from_rows
 
 import jaxyolo
 from jaxyolo import TalLossConfig, Targets, yolov8_loss
-from jaxyolo.boxes import make_anchor_points, xywh2xyxy
 from jaxyolo.assign import task_aligned
+from jaxyolo.boxes import make_anchor_points, xywh2xyxy
 from jaxyolo.objectives.tal import assign_for_loss, decode_predictions
 
 STRIDES = (8, 16, 32)
