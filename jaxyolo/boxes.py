@@ -88,14 +88,16 @@ def ciou_alpha_denominator(v, iou, *, eps, convention):
     return 1 - iou + v + eps if convention == "ultralytics" else v - iou + (1 + eps)
 
 
-def bbox_iou(box1, box2, *, xywh=False, kind="iou", eps=1e-7, convention="ultralytics"):
+def bbox_iou(box1, box2, *, xywh=True, kind="iou", eps=1e-7, convention="ultralytics"):
     """IoU, GIoU, DIoU or CIoU of broadcast box pairs, as upstream ``bbox_iou``.
 
     Args:
-      box1: ``(..., 4)`` boxes, xyxy (or cxcywh if ``xywh``), any units.
+      box1: ``(..., 4)`` boxes, cxcywh (or xyxy with ``xywh=False``), any units.
       box2: ``(..., 4)`` boxes in the same format and units; broadcasts with
         ``box1`` over the leading dimensions.
-      xywh: inputs are centre-size instead of corners.
+      xywh: inputs are centre-size; ``False`` for corners.  Defaults to
+        ``True`` like upstream yolov5, ultralytics and YOLOv9, so code ported
+        from them gets the same numbers.
       kind: ``"iou" | "giou" | "diou" | "ciou"``.
       eps: the upstream stabiliser (added to union, enclosing area/diagonal).
       convention: ``"ultralytics"``, ``"yolov5"`` or ``"yolov9"``; see the

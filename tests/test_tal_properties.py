@@ -68,9 +68,9 @@ def test_ciou_is_scale_invariant(rng, convention):
     xy = rng.uniform(0, 40, (64, 2))
     p = np.concatenate([xy, xy + rng.uniform(1, 20, (64, 2))], -1).astype(np.float32)
     t = np.concatenate([xy + rng.normal(0, 2, (64, 2)), xy + rng.uniform(1, 20, (64, 2))], -1).astype(np.float32)
-    base = np.asarray(jaxyolo.bbox_iou(p, t, kind="ciou", convention=convention))
+    base = np.asarray(jaxyolo.bbox_iou(p, t, xywh=False, kind="ciou", convention=convention))
     for s in (8.0, 16.0, 32.0):
-        scaled = np.asarray(jaxyolo.bbox_iou(p * s, t * s, kind="ciou", convention=convention))
+        scaled = np.asarray(jaxyolo.bbox_iou(p * s, t * s, xywh=False, kind="ciou", convention=convention))
         np.testing.assert_allclose(scaled, base, rtol=1e-4, atol=1e-5)
 
 

@@ -195,7 +195,7 @@ def _dfl_bins(target, reg_max):
 
 def _box_sum(mean, anchors, tbox, weight, fg, convention):
     """``sum_fg (1 - CIoU(decode(mean), tbox)) * weight`` over one level (grid units)."""
-    iou = bbox_iou(dist2bbox(mean, anchors, xywh=False), tbox, kind="ciou", convention=convention)
+    iou = bbox_iou(dist2bbox(mean, anchors, xywh=False), tbox, xywh=False, kind="ciou", convention=convention)
     return jnp.sum(jnp.where(fg, (1.0 - iou) * weight, 0.0))
 
 
