@@ -3,7 +3,7 @@
 The common path needs nothing deeper than ``import jaxyolo``::
 
     targets = jaxyolo.Targets.from_rows(rows, batch_size=B, max_boxes=M)
-    iou = jaxyolo.bbox_iou(box1, box2, kind="ciou")
+    iou = jaxyolo.bbox_iou(box1, box2, kind="ciou")  # cxcywh by default, as upstream
 
 Modules: ``boxes`` (geometry), ``losses`` (element losses), ``targets``
 (the padded ground-truth format), ``assign`` (label assigners),

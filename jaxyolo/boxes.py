@@ -19,10 +19,14 @@ convention     height in xyxy mode         CIoU alpha (under stop_gradient)
 =============  ==========================  ==============================
 "ultralytics"  ``h = y2 - y1 + eps``       ``v / (1 - iou + v + eps)``
 "yolov5"       ``h = clamp(y2 - y1, eps)`` ``v / (v - iou + (1 + eps))``
+"yolov9"       ``h = y2 - y1 + eps``       ``v / (v - iou + (1 + eps))``
 =============  ==========================  ==============================
 
-``"yolov5"`` is also YOLOv9's ``utils/metrics.py`` convention.  In xywh mode
-neither upstream adds eps to the height.
+``"yolov9"`` is YOLOv9's ``utils/metrics.py`` (WongKinYiu/yolov9 @5b1ea9a):
+ultralytics' height with yolov5's (algebraically equal) alpha, so it agrees
+with ``"ultralytics"`` to rounding and differs from ``"yolov5"`` where a side
+is shorter than eps (degenerate and near-zero-size boxes).  In xywh mode no
+upstream adds eps to the height.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from jaxyolo import _checks
 from jaxyolo._math import atan_ratio, clamp, safe_div
 
 IOU_KINDS = ("iou", "giou", "diou", "ciou")
-CONVENTIONS = ("ultralytics", "yolov5")
+CONVENTIONS = ("ultralytics", "yolov5", "yolov9")
 
 __all__ = [
     "IOU_KINDS",
@@ -74,17 +78,29 @@ def _split(boxes):
     return tuple(boxes[..., i] for i in range(4))
 
 
-def bbox_iou(box1, box2, *, xywh=False, kind="iou", eps=1e-7, convention="ultralytics"):
+def xyxy_height(y1, y2, *, eps, convention):
+    """Box height as ``convention``'s ``bbox_iou`` computes it in xyxy mode (see the table above)."""
+    return clamp(y2 - y1, eps) if convention == "yolov5" else y2 - y1 + eps
+
+
+def ciou_alpha_denominator(v, iou, *, eps, convention):
+    """The denominator of CIoU's ``alpha = v / den`` in ``convention`` (see the table above)."""
+    return 1 - iou + v + eps if convention == "ultralytics" else v - iou + (1 + eps)
+
+
+def bbox_iou(box1, box2, *, xywh=True, kind="iou", eps=1e-7, convention="ultralytics"):
     """IoU, GIoU, DIoU or CIoU of broadcast box pairs, as upstream ``bbox_iou``.
 
     Args:
-      box1: ``(..., 4)`` boxes, xyxy (or cxcywh if ``xywh``), any units.
+      box1: ``(..., 4)`` boxes, cxcywh (or xyxy with ``xywh=False``), any units.
       box2: ``(..., 4)`` boxes in the same format and units; broadcasts with
         ``box1`` over the leading dimensions.
-      xywh: inputs are centre-size instead of corners.
+      xywh: inputs are centre-size; ``False`` for corners.  Defaults to
+        ``True`` like upstream yolov5, ultralytics and YOLOv9, so code ported
+        from them gets the same numbers.
       kind: ``"iou" | "giou" | "diou" | "ciou"``.
       eps: the upstream stabiliser (added to union, enclosing area/diagonal).
-      convention: ``"ultralytics"`` or ``"yolov5"`` (also YOLOv9); see the
+      convention: ``"ultralytics"``, ``"yolov5"`` or ``"yolov9"``; see the
         module docstring for the two places they differ.
 
     Returns:
@@ -112,10 +128,8 @@ def bbox_iou(box1, box2, *, xywh=False, kind="iou", eps=1e-7, convention="ultral
         b1_x1, b1_y1, b1_x2, b1_y2 = _split(box1)
         b2_x1, b2_y1, b2_x2, b2_y2 = _split(box2)
         w1, w2 = b1_x2 - b1_x1, b2_x2 - b2_x1
-        if convention == "ultralytics":
-            h1, h2 = b1_y2 - b1_y1 + eps, b2_y2 - b2_y1 + eps
-        else:
-            h1, h2 = clamp(b1_y2 - b1_y1, eps), clamp(b2_y2 - b2_y1, eps)
+        h1 = xyxy_height(b1_y1, b1_y2, eps=eps, convention=convention)
+        h2 = xyxy_height(b2_y1, b2_y2, eps=eps, convention=convention)
 
     inter = clamp(jnp.minimum(b1_x2, b2_x2) - jnp.maximum(b1_x1, b2_x1), 0.0) * clamp(
         jnp.minimum(b1_y2, b2_y2) - jnp.maximum(b1_y1, b2_y1), 0.0
@@ -137,10 +151,7 @@ def bbox_iou(box1, box2, *, xywh=False, kind="iou", eps=1e-7, convention="ultral
         return iou - safe_div(rho2, c2)
 
     v = (4 / math.pi**2) * (atan_ratio(w2, h2) - atan_ratio(w1, h1)) ** 2
-    if convention == "ultralytics":
-        alpha_den = 1 - iou + v + eps
-    else:
-        alpha_den = v - iou + (1 + eps)
+    alpha_den = ciou_alpha_denominator(v, iou, eps=eps, convention=convention)
     alpha = jax.lax.stop_gradient(safe_div(v, alpha_den))
     return iou - (safe_div(rho2, c2) + v * alpha)
 

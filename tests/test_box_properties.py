@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import jaxyolo
+from jaxyolo.boxes import CONVENTIONS
 
 KINDS = ("iou", "giou", "diou", "ciou")
 # Jitted once per static combination: hypothesis then only pays for execution.
-_iou = jax.jit(jaxyolo.bbox_iou, static_argnames=("xywh", "kind", "eps", "convention"))
-CONVENTIONS = ("ultralytics", "yolov5")
+_iou = jax.jit(partial(jaxyolo.bbox_iou, xywh=False), static_argnames=("xywh", "kind", "eps", "convention"))  # xyxy
 
 _coord = st.floats(-50, 50, width=32, allow_nan=False, allow_infinity=False)
 _size = st.floats(0.0, 60, width=32, allow_nan=False, allow_infinity=False)

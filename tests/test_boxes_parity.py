@@ -35,6 +35,11 @@ def _edge_pairs_xyxy():
         ([0, 0, 0, 0], [1, 2, 3, 4]),  # padded vs real
         ([2, 2, 1, 3], [0, 0, 3, 3]),  # negative width (raw prediction)
         ([2, 3, 4, 1], [0, 0, 3, 3]),  # negative height
+        ([1, 1, 1, 1], [1, 1, 1, 1]),  # two identical points
+        ([0, 0, 1e-9, 1e-9], [0, 0, 1, 1]),  # sides far below eps (where the yolov5 and YOLOv9 heights differ)
+        ([0, 0, 1, 1e-9], [0, 0, 1, 1]),  # height far below eps
+        ([0, 0, 1e-9, 1], [0, 0, 1, 1]),  # width far below eps
+        ([0, 0, 2, 5e-8], [0, 1e-8, 3, 1e-7]),  # two flat boxes, heights below eps
     ]
     a, b = zip(*pairs)
     return np.array(a, np.float32), np.array(b, np.float32)
@@ -57,12 +62,15 @@ def _ours(a, b, *, xywh, kind, convention):
 
 
 def _upstream_module(oracles, convention):
+    """The module whose ``bbox_iou`` defines ``convention``."""
     if convention == "yolov5":
         return oracles.yolov5_modules()[1]
+    if convention == "yolov9":
+        return oracles.yolov9_modules()[2]
     return oracles.ultralytics_modules()[2]
 
 
-@pytest.mark.parametrize("convention", ["yolov5", "ultralytics"])
+@pytest.mark.parametrize("convention", jaxyolo.boxes.CONVENTIONS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("xywh", [False, True])
 def test_bbox_iou_matches_upstream_random(oracles, rng, convention, kind, xywh):
@@ -77,7 +85,7 @@ def test_bbox_iou_matches_upstream_random(oracles, rng, convention, kind, xywh):
     np.testing.assert_allclose(gb, ref_gb, **GRAD_TOL)
 
 
-@pytest.mark.parametrize("convention", ["yolov5", "ultralytics"])
+@pytest.mark.parametrize("convention", jaxyolo.boxes.CONVENTIONS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("xywh", [False, True])
 def test_bbox_iou_edge_cases(oracles, convention, kind, xywh):
@@ -97,28 +105,59 @@ def test_bbox_iou_edge_cases(oracles, convention, kind, xywh):
     np.testing.assert_allclose(gb[ok], ref_gb[ok], **GRAD_TOL)
 
 
+@pytest.mark.parametrize("convention", B.CONVENTIONS)
+def test_bbox_iou_default_format_is_upstreams(oracles, rng, convention):
+    """Called without ``xywh``, jaxyolo and every upstream ``bbox_iou`` read the boxes the same
+    way (cxcywh): code ported from upstream gets upstream's numbers."""
+    a, b = (np.array(B.xyxy2xywh(_rand_xyxy(rng, 32))) for _ in range(2))
+    b[::2] = a[::2] + rng.uniform(-0.3, 0.3, (16, 4)).astype(np.float32)  # overlapping pairs
+    mod = _upstream_module(oracles, convention)
+    ref = oracles.numpy(mod.bbox_iou(oracles.tensor(a), oracles.tensor(b), CIoU=True))[..., 0]
+    ours = np.asarray(jaxyolo.bbox_iou(a, b, kind="ciou", convention=convention))
+    np.testing.assert_allclose(ours, ref, **VALUE_TOL)
+    as_corners = np.asarray(jaxyolo.bbox_iou(a, b, xywh=False, kind="ciou", convention=convention))
+    assert np.abs(as_corners - ref).max() > 0.1  # the format matters on these boxes
+
+
 def test_bbox_iou_broadcasts_like_upstream(oracles, rng):
     gt = _rand_xyxy(rng, 6).reshape(2, 3, 1, 4)
     pd = _rand_xyxy(rng, 10).reshape(2, 1, 5, 4)
     mod = oracles.ultralytics_modules()[2]
     ref = oracles.numpy(mod.bbox_iou(oracles.tensor(gt), oracles.tensor(pd), xywh=False, CIoU=True))[..., 0]
-    ours = jaxyolo.bbox_iou(gt, pd, kind="ciou")
+    ours = jaxyolo.bbox_iou(gt, pd, xywh=False, kind="ciou")
     assert ours.shape == (2, 3, 5)
     np.testing.assert_allclose(ours, ref, **VALUE_TOL)
 
 
 def test_bbox_iou_conventions_differ_where_documented(oracles):
-    """yolov5 clamps h to eps, ultralytics adds eps: a height below eps tells them
-    apart, and each convention matches its own upstream there."""
+    """yolov5 clamps h to eps, ultralytics and YOLOv9 add eps: a height below eps
+    tells them apart, and each convention matches its own upstream there."""
     a = np.array([[0.0, 0.0, 1.0, 0.05]], np.float32)  # height 0.05 < eps = 0.1
     b = np.array([[0.0, 0.0, 1.0, 1.0]], np.float32)
-    v5 = np.asarray(jaxyolo.bbox_iou(a, b, kind="iou", eps=0.1, convention="yolov5"))
-    ul = np.asarray(jaxyolo.bbox_iou(a, b, kind="iou", eps=0.1, convention="ultralytics"))
-    assert abs(v5[0] - ul[0]) > 1e-3
-    for conv, got in (("yolov5", v5), ("ultralytics", ul)):
+    got = {c: np.asarray(jaxyolo.bbox_iou(a, b, xywh=False, kind="iou", eps=0.1, convention=c)) for c in B.CONVENTIONS}
+    assert abs(got["yolov5"][0] - got["ultralytics"][0]) > 1e-3
+    assert abs(got["yolov5"][0] - got["yolov9"][0]) > 1e-3
+    for conv in B.CONVENTIONS:
         mod = _upstream_module(oracles, conv)
         ref = oracles.numpy(mod.bbox_iou(oracles.tensor(a), oracles.tensor(b), xywh=False, eps=0.1))[..., 0]
-        np.testing.assert_allclose(got, ref, **VALUE_TOL)
+        np.testing.assert_allclose(got[conv], ref, **VALUE_TOL)
+
+
+def test_yolov9_convention_is_yolov9s_not_yolov5s(oracles):
+    """YOLOv9's ``bbox_iou`` adds eps to the height like ultralytics, not yolov5's clamp:
+    on boxes with sides below eps (default eps) the yolov5 convention misses YOLOv9's
+    CIoU and its gradient by far more than the parity tolerance; "yolov9" matches."""
+    a, b = _edge_pairs_xyxy()
+    tiny = slice(-4, None)  # the sub-eps pairs
+    ref, ref_ga, ref_gb = _upstream_iou(_upstream_module(oracles, "yolov9"), a[tiny], b[tiny], xywh=False, kind="ciou",
+                                        oracles=oracles)
+    v9 = _ours(a[tiny], b[tiny], xywh=False, kind="ciou", convention="yolov9")
+    v5 = _ours(a[tiny], b[tiny], xywh=False, kind="ciou", convention="yolov5")
+    np.testing.assert_allclose(v9[0], ref, **VALUE_TOL)
+    np.testing.assert_allclose(v9[1], ref_ga, **GRAD_TOL)
+    np.testing.assert_allclose(v9[2], ref_gb, **GRAD_TOL)
+    assert np.max(np.abs(v5[0] - ref) / np.abs(ref)) > 1e-3
+    assert np.max(np.abs(v5[1] - ref_ga)) > 1e-2
 
 
 @pytest.mark.parametrize("flavour", ["yolov5", "ultralytics"])
@@ -214,15 +253,15 @@ def test_xywh_xyxy_roundtrip_and_values():
 def test_low_precision_inputs_are_computed_in_float32(rng, dtype):
     a, b = _rand_xyxy(rng, 16), _rand_xyxy(rng, 16)
     a_lo, b_lo = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-    out = jaxyolo.bbox_iou(a_lo, b_lo, kind="ciou")
+    out = jaxyolo.bbox_iou(a_lo, b_lo, xywh=False, kind="ciou")
     assert out.dtype == jnp.float32
     # Same as float32 on the rounded inputs: nothing is computed in low precision.
-    ref = jaxyolo.bbox_iou(np.asarray(a_lo, np.float32), np.asarray(b_lo, np.float32), kind="ciou")
+    ref = jaxyolo.bbox_iou(np.asarray(a_lo, np.float32), np.asarray(b_lo, np.float32), xywh=False, kind="ciou")
     np.testing.assert_array_equal(out, ref)
 
 
 def test_jit_matches_eager(rng):
     a, b = _rand_xyxy(rng, 32), _rand_xyxy(rng, 32)
-    for kind, conv in itertools.product(KINDS, ("yolov5", "ultralytics")):
-        f = lambda x, y: jaxyolo.bbox_iou(x, y, kind=kind, convention=conv)  # noqa: E731
+    for kind, conv in itertools.product(KINDS, B.CONVENTIONS):
+        f = lambda x, y: jaxyolo.bbox_iou(x, y, xywh=False, kind=kind, convention=conv)  # noqa: E731
         np.testing.assert_allclose(jax.jit(f)(a, b), f(a, b), rtol=1e-6, atol=1e-7)

@@ -174,7 +174,10 @@ def test_reduce_names_the_argument():
 
 
 class ElementLossVariantsTest(chex.TestCase):
-    """Every element loss gives the same numbers with and without jit."""
+    """Every element loss gives the same numbers with and without jit: each variant is
+    compared with the *other* mode (the jitted variant with an eager run under
+    ``jax.disable_jit``, the eager variant with ``jax.jit``), and each variant is checked
+    to be the mode it claims (a jitted function traces once for two calls)."""
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_jit_and_eager_agree(self):
@@ -192,8 +195,22 @@ class ElementLossVariantsTest(chex.TestCase):
             "dfl": (lambda a, b: L.dfl_loss(a.reshape(6, 5, 1) * jnp.ones(4), b * 3), (x, t)),
             "yolox": (lambda a, b: L.yolox_iou_loss(a, b, kind="giou"), (boxes, boxes[::-1])),
         }
+        jitted = self.variant.type == chex.ChexVariantType.WITH_JIT
         for name, (fn, args) in cases.items():
-            eager = fn(*args)
-            out = self.variant(fn)(*args)
-            np.testing.assert_allclose(out, eager, rtol=1e-6, atol=1e-7, err_msg=name)
+            calls = []
+
+            def counted(*a, fn=fn):
+                calls.append(1)
+                return fn(*a)
+
+            variant = self.variant(counted)
+            out = variant(*args)
+            variant(*args)
+            assert len(calls) == (1 if jitted else 2), name  # traced once vs run twice
+            if jitted:
+                with jax.disable_jit():
+                    other = fn(*args)
+            else:
+                other = jax.jit(fn)(*args)
+            np.testing.assert_allclose(out, other, rtol=1e-6, atol=1e-7, err_msg=name)
             assert np.all(np.isfinite(out)), name

@@ -1,4 +1,5 @@
-"""NMS against a numpy reference; COCO mAP through pycocotools on known cases."""
+"""NMS against the project's numpy reference, a brute-force greedy NMS written here from the
+definition, and ultralytics' ``non_max_suppression``; COCO mAP through pycocotools on known cases."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +30,87 @@ def test_nms_matches_reference(rng, conf, iou, max_det):
         np.testing.assert_array_equal(oc[i, :n], [r[2] for r in ref])
         np.testing.assert_allclose(ob[i, :n], np.stack([r[0] for r in ref]) if ref else np.zeros((0, 4)), rtol=1e-6)
         assert np.all(osc[i, n:] == 0)
+
+
+def _greedy_nms(boxes, scores, *, conf_thres, iou_thres, max_det):
+    """Greedy NMS from the definition, for one image (float64, no eps, no class offsets).
+
+    Each box votes for its best class (first maximum); candidates have that score
+    ``> conf_thres``.  Visit candidates by descending score, ties by lower index;
+    keep a box unless a kept box of its class overlaps it with IoU ``> iou_thres``;
+    return the first ``max_det`` kept as ``(index, score, class)``.
+    """
+    boxes, scores = np.asarray(boxes, np.float64), np.asarray(scores, np.float64)
+    cls, conf = scores.argmax(-1), scores.max(-1)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    kept = []
+    for i in sorted(np.flatnonzero(conf > conf_thres), key=lambda i: (-conf[i], i)):
+        def iou(j):
+            w = max(0.0, min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0]))
+            h = max(0.0, min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1]))
+            return w * h / (area[i] + area[j] - w * h)
+
+        if all(cls[j] != cls[i] or iou(j) <= iou_thres for j in kept):
+            kept.append(i)
+    return [(i, conf[i], cls[i]) for i in kept[:max_det]]
+
+
+def _assert_nms_equals(boxes, scores, ref, *, max_det, **kw):
+    """``batched_nms`` on one image equals ``ref`` (list of (index, score, class)), order included."""
+    ob, osc, oc, ov = (np.asarray(x)[0] for x in batched_nms(jnp.asarray(boxes[None]), jnp.asarray(scores[None]),
+                                                             max_det=max_det, **kw))
+    n = len(ref)
+    assert ov[:n].all() and not ov[n:].any(), (int(ov.sum()), n)
+    idx = [r[0] for r in ref]
+    np.testing.assert_array_equal(ob[:n], boxes[idx].reshape(n, 4))
+    np.testing.assert_array_equal(osc[:n], np.asarray([r[1] for r in ref], np.float32))
+    np.testing.assert_array_equal(oc[:n], [r[2] for r in ref])
+
+
+@pytest.mark.parametrize("max_det", [3, 50])
+def test_nms_ties_follow_lower_index(rng, max_det):
+    """Equal scores everywhere: duplicated boxes, overlapping equal-score chains, equal scores
+    across classes; the lower index wins each tie, also at the max_det cut."""
+    base = rng.uniform(0, 100, (12, 2))
+    boxes = np.concatenate([base, base + rng.uniform(10, 30, (12, 2))], 1)
+    boxes = np.concatenate([boxes, boxes, boxes + [3, 0, 3, 0]]).astype(np.float32)  # exact duplicates, shifted copies
+    scores = np.zeros((36, 3), np.float32)
+    level = rng.choice(np.float32([0.3, 0.6, 0.9]), 36)  # only three distinct scores
+    scores[np.arange(36), rng.integers(0, 3, 36)] = level
+    ref = _greedy_nms(boxes, scores, conf_thres=0.1, iou_thres=0.5, max_det=max_det)
+    assert len(ref) >= 3 and len({r[1] for r in ref}) < len(ref)  # ties among the kept
+    _assert_nms_equals(boxes, scores, ref, conf_thres=0.1, iou_thres=0.5, max_det=max_det)
+
+
+@pytest.mark.parametrize("conf,iou,max_det", [(0.05, 0.45, 300), (0.2, 0.6, 20), (0.01, 0.3, 5)])
+def test_nms_matches_definition_class_aware_large_coords(rng, conf, iou, max_det):
+    """Boxes up to 4000 px in 6 classes: the class offsets (class * max_wh) keep classes
+    apart without changing any decision; max_det cuts the kept list."""
+    xy = rng.uniform(0, 3500, (300, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(20, 500, (300, 2))], 1).astype(np.float32)
+    boxes[150:] = boxes[:150]  # the same boxes again, mostly in other classes
+    scores = (rng.uniform(0, 1, (300, 6)) ** 3).astype(np.float32)
+    ref = _greedy_nms(boxes, scores, conf_thres=conf, iou_thres=iou, max_det=max_det)
+    cls = [r[2] for r in ref]
+    assert len(set(cls)) > 1
+    _assert_nms_equals(boxes, scores, ref, conf_thres=conf, iou_thres=iou, max_det=max_det)
+
+
+@pytest.mark.parametrize("conf,iou,max_det", [(0.001, 0.7, 100), (0.25, 0.45, 300), (0.1, 0.5, 7)])
+def test_nms_matches_ultralytics(oracles, rng, conf, iou, max_det):
+    """Against ultralytics 8.4.190 ``non_max_suppression`` (its pure-torch NMS), on scores
+    without ties (torch's sort is not stable): same detections, same order, max_det cut."""
+    boxes, scores = _random_case(rng, 3, 250, 4)
+    ref = oracles.ultralytics_nms(boxes, scores, conf_thres=conf, iou_thres=iou, max_det=max_det)
+    ob, osc, oc, ov = (np.asarray(x) for x in batched_nms(jnp.asarray(boxes), jnp.asarray(scores), conf_thres=conf,
+                                                           iou_thres=iou, max_det=max_det))
+    assert any(len(r) == max_det for r in ref) or max_det == 300
+    for i in range(3):
+        n = len(ref[i])
+        assert int(ov[i].sum()) == n and ov[i, :n].all()
+        np.testing.assert_allclose(ob[i, :n], ref[i][:, :4], rtol=1e-6, atol=1e-4)  # upstream round-trips cxcywh
+        np.testing.assert_array_equal(osc[i, :n], ref[i][:, 4])
+        np.testing.assert_array_equal(oc[i, :n], ref[i][:, 5].astype(int))
 
 
 def test_nms_class_aware_and_thresholds():

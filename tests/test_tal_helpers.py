@@ -150,7 +150,10 @@ def compare(ours, ref, value_tol, grad_tol, *, check_assign=True):
     np.testing.assert_allclose(oa["target_scores"], ra["target_scores"], **value_tol)
     record("scores", oa["target_scores"], ra["target_scores"])
     m_up = ra["align_metric"].shape[1]
-    np.testing.assert_allclose(oa["align_metric"][:, :m_up], ra["align_metric"], rtol=1e-4, atol=1e-7)
+    # The suite's value tolerance, with the least margin of any value: the metric is CIoU**6, which
+    # multiplies CIoU's float32 rounding by six (measured up to 6.7e-6 relative against YOLOv9).
+    np.testing.assert_allclose(oa["align_metric"][:, :m_up], ra["align_metric"], rtol=1e-5, atol=1e-7)
+    record("align", oa["align_metric"][:, :m_up], ra["align_metric"])
     # Positive (GT, anchor) pairs: zero-metric top-k picks are tie-order dependent and carry zero weight.
     pos_pair = ra["align_metric"] > 0  # (B, M_up, A)
     mp_ours, mp_ref = oa["mask_pos"][:, :m_up] & pos_pair, ra["mask_pos"] & pos_pair

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _strategies import gt_rows
 from conftest import GRAD_TOL, VALUE_TOL
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -375,23 +376,14 @@ def test_autobalance_five_calls():
 
 @settings(max_examples=8)
 @given(
+    rows=gt_rows(batch=B, max_count=M, img_hw=IMG, nc=NC, strides=P5),
     seed=st.integers(0, 2**31 - 1),
-    counts=st.lists(st.integers(0, M), min_size=B, max_size=B),
     scale=st.sampled_from([0.3, 1.0, 3.0]),
-    grid_snap=st.booleans(),
 )
-def test_property_random_parity(seed, counts, scale, grid_snap):
-    """Random boxes (optionally snapped to 1/16 so centres fall on cell borders
-    and half-cells) and logit scales: same numbers as upstream."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for b, n in enumerate(counts):
-        for _ in range(n):
-            cx, cy, w, h = rng.uniform(0, 1, 4) * np.array([1, 1, 0.6, 0.6]) + np.array([0, 0, 0.01, 0.01])
-            if grid_snap:
-                cx, cy = np.round(cx * 16) / 16, np.round(cy * 16) / 16
-            rows.append([b, int(rng.integers(NC)), cx, cy, w, h])
-    targets, preds = standard(rng, np.asarray(rows, np.float32).reshape(-1, 6), scale=scale)
+def test_property_random_parity(rows, seed, scale):
+    """Drawn boxes (centres often on multiples of 4 px: cell borders and half-cells of
+    every level; sides from 1 px to the image) and logit scales: same numbers as upstream."""
+    targets, preds = standard(np.random.default_rng(seed), rows, scale=scale)
     check_case(preds, targets, anchors=ANCHORS_P5, strides=P5)
 
 
@@ -425,26 +417,32 @@ def test_anchor_t_is_strict():
     assert set(p3_anchor0[:, 10].astype(int)) == {1, 3}  # classes of the matched rows
 
 
+def test_anchor_t_ratio_is_a_true_division():
+    """A 12-px-high box against the 30-px-high P3 anchor 1 on a 64 px image: r = 1.5 / 3.75
+    rounds to 0.4f and 1 / r to exactly 2.5 = anchor_t in torch, so upstream rejects the
+    pair.  XLA's ``x / broadcast(a) -> x * broadcast(1 / a)`` rewrite gave 1 / r = 2.4999998
+    and accepted it (found by test_property_build_targets)."""
+    rows = np.array([[1, 0, 0.0546875, 0.125, 0.109375, 0.1875]], np.float32)  # x 0..7, y 2..14 px
+    targets, preds = standard(np.random.default_rng(17), rows)
+    config = jaxyolo.Yolov5LossConfig(anchor_t=2.5)
+    ref = Yolov5Oracle(anchors=ANCHORS_P5, strides=P5, nc=NC, hyp=config.hyp()).build_targets(preds, targets)
+    assert set(ref[0][:, 1].astype(int)) == {0}  # only P3 anchor 0 matches upstream
+    assert_rows_match(targets, preds, anchors=ANCHORS_P5, strides=P5, config=config, oracle_rows=ref)
+
+
 @settings(max_examples=30)
 @given(
+    rows=gt_rows(batch=B, max_count=M, img_hw=IMG, nc=NC, strides=P5,
+                 sides=(4, 12, 15, 20, 24, 25, 40, 45, 64)),
     seed=st.integers(0, 2**31 - 1),
-    counts=st.lists(st.integers(0, M), min_size=B, max_size=B),
-    snap=st.sampled_from([0, 8, 16, 32, 64]),
     anchor_t=st.sampled_from([4.0, 2.5, 1.5]),
 )
-def test_property_build_targets(seed, counts, snap, anchor_t):
-    """build_targets alone (cheap, so more examples): centres optionally snapped
-    to 1/snap of the image so they fall on cell borders and half-cells of every level."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for b, n in enumerate(counts):
-        for _ in range(n):
-            cx, cy = rng.uniform(0, 1, 2)
-            if snap:
-                cx, cy = np.round(cx * snap) / snap, np.round(cy * snap) / snap
-            w, h = rng.uniform(0.005, 0.8, 2)
-            rows.append([b, int(rng.integers(NC)), cx, cy, w, h])
-    targets, preds = standard(rng, np.asarray(rows, np.float32).reshape(-1, 6))
+def test_property_build_targets(rows, seed, anchor_t):
+    """build_targets alone (cheap, so more examples): centres often on cell borders and
+    half-cells of every level, and sides at exactly ``anchor_t`` times or over a P3 anchor
+    side (10 x 13, 16 x 30 px: 40 = 4 * 10, 4 = 16 / 4, 25 = 2.5 * 10, 12 = 30 / 2.5,
+    15 = 1.5 * 10, 45 = 1.5 * 30, ...), the strict ``r < anchor_t`` edge."""
+    targets, preds = standard(np.random.default_rng(seed), rows)
     config = jaxyolo.Yolov5LossConfig(anchor_t=anchor_t)
     oracle = Yolov5Oracle(anchors=ANCHORS_P5, strides=P5, nc=NC, hyp=config.hyp())
     ref = oracle.build_targets(preds, targets)

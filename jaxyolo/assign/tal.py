@@ -37,8 +37,8 @@ Presets (``preset=``) differ exactly where the two upstreams differ:
     GTs included; the top-k runs on ``align * in_gt``.  The multi-GT argmax
     therefore runs over *all* GTs: an anchor claimed by two GTs may be handed
     to a third GT that does not even contain it (upstream quirk, kept).
-  * CIoU with the YOLOv5 convention (``h = clamp(h, eps)``; ``alpha = v / (v -
-    iou + (1 + eps))``).
+  * CIoU with YOLOv9's ``utils/metrics.py`` convention (``h + eps`` like
+    ultralytics; ``alpha = v / (v - iou + (1 + eps))``).
 
 Tie-breaking: where several anchors share the k-th largest align value
 (typically several zero-metric anchors when a GT holds fewer than ``topk``
@@ -66,6 +66,7 @@ import jax.numpy as jnp
 
 from jaxyolo import _checks
 from jaxyolo._math import atan_ratio, clamp
+from jaxyolo.boxes import ciou_alpha_denominator, xyxy_height
 
 PRESETS = ("ultralytics", "yolov9")
 
@@ -114,10 +115,8 @@ def _pairwise_ciou(gt, pd, *, eps, convention):
     gx1, gy1, gx2, gy2 = (gt[..., i] for i in range(4))
     px1, py1, px2, py2 = (pd[..., i] for i in range(4))
     gw, pw = gx2 - gx1, px2 - px1
-    if convention == "ultralytics":
-        gh, ph = gy2 - gy1 + eps, py2 - py1 + eps
-    else:
-        gh, ph = clamp(gy2 - gy1, eps), clamp(py2 - py1, eps)
+    gh = xyxy_height(gy1, gy2, eps=eps, convention=convention)
+    ph = xyxy_height(py1, py2, eps=eps, convention=convention)
     inter = clamp(jnp.minimum(g[2], p[2]) - jnp.maximum(g[0], p[0]), 0.0) * clamp(
         jnp.minimum(g[3], p[3]) - jnp.maximum(g[1], p[1]), 0.0
     )
@@ -128,10 +127,7 @@ def _pairwise_ciou(gt, pd, *, eps, convention):
     c2 = cw**2 + ch**2 + eps
     rho2 = ((p[0] + p[2] - g[0] - g[2]) ** 2 + (p[1] + p[3] - g[1] - g[3]) ** 2) / 4
     v = (4 / math.pi**2) * (atan_ratio(pw, ph)[:, None, :] - atan_ratio(gw, gh)[:, :, None]) ** 2
-    if convention == "ultralytics":
-        alpha = v / (1 - iou + v + eps)
-    else:
-        alpha = v / (v - iou + (1 + eps))
+    alpha = v / ciou_alpha_denominator(v, iou, eps=eps, convention=convention)
     ciou = iou - (rho2 / c2 + v * alpha)
     return clamp(ciou, 0.0)
 
@@ -240,8 +236,7 @@ def assign_core(
     valid = gt_mask[..., None]  # (B, M, 1)
 
     mask_in = _in_gt_mask(anchor_points, gt_bboxes, gt_mask, preset=preset, stride_val=stride_val)
-    convention = "ultralytics" if preset == "ultralytics" else "yolov5"
-    overlaps = _pairwise_ciou(gt_bboxes, pred_bboxes, eps=1e-7, convention=convention)
+    overlaps = _pairwise_ciou(gt_bboxes, pred_bboxes, eps=1e-7, convention=preset)  # CIoU convention = preset name
     align = _pow(bbox_scores, alpha) * _pow(overlaps, beta)
     if preset == "ultralytics":
         pair_ok = mask_in & valid

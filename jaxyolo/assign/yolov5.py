@@ -145,7 +145,9 @@ def yolov5_anchors_and_strides(anchors, strides, num_levels: int | None = None):
     if num_levels is not None and len(strides) != num_levels:
         raise ValueError(f"anchors/strides describe {len(strides)} levels but there are {num_levels} prediction levels")
     anchors = anchors.astype(jnp.float32)
-    grid = anchors / jnp.asarray(strides, jnp.float32)[:, None, None]
+    # a true division (see build_targets_stacked: XLA would multiply by 1 / stride, inexact unless a power of 2)
+    stride = jnp.broadcast_to(jnp.asarray(strides, jnp.float32)[:, None, None], anchors.shape)
+    grid = anchors / jax.lax.optimization_barrier(stride)
     return grid, strides
 
 
@@ -196,8 +198,11 @@ def build_targets_stacked(targets: Targets, anchors_grid, feature_shapes, *, anc
     gxy = targets.boxes[None, ..., :2] * gain  # (L, B, M, 2) grid units
     gwh = targets.boxes[None, ..., 2:] * gain
 
-    # Anchor match: (L, na, B, M).
-    r = gwh[:, None] / anchors_grid[:, :, None, None, :]
+    # Anchor match: (L, na, B, M).  XLA rewrites ``x / broadcast(a)`` as ``x * broadcast(1 / a)``,
+    # which is not IEEE division and moves ratios that are exactly ``anchor_t`` upstream (e.g.
+    # 1.5 / 3.75 -> 1 / r = 2.5) below it; the barrier keeps the true division torch does.
+    den = jax.lax.optimization_barrier(jnp.broadcast_to(anchors_grid[:, :, None, None, :], (nl, na, bsz, m, 2)))
+    r = gwh[:, None] / den
     worst = jnp.max(jnp.maximum(r, 1.0 / r), axis=-1)
     matched = (worst < anchor_t) & targets.mask[None, None]
 

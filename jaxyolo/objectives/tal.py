@@ -195,7 +195,7 @@ def _dfl_bins(target, reg_max):
 
 def _box_sum(mean, anchors, tbox, weight, fg, convention):
     """``sum_fg (1 - CIoU(decode(mean), tbox)) * weight`` over one level (grid units)."""
-    iou = bbox_iou(dist2bbox(mean, anchors, xywh=False), tbox, kind="ciou", convention=convention)
+    iou = bbox_iou(dist2bbox(mean, anchors, xywh=False), tbox, xywh=False, kind="ciou", convention=convention)
     return jnp.sum(jnp.where(fg, (1.0 - iou) * weight, 0.0))
 
 
@@ -479,7 +479,7 @@ def yolov8_loss(preds, targets: Targets, *, strides=(8, 16, 32), config: TalLoss
     fused_bce = (
         config.cls_loss == "bce" and config.cls_pw == 1.0 and config.fl_gamma <= 0 and not config.label_smoothing
     )
-    convention = "ultralytics" if config.preset == "ultralytics" else "yolov5"
+    convention = config.preset  # each preset's bbox_iou convention has the preset's name
     static = (reg_max, convention, fused_bce, config.class_weights)
     cw = jnp.float32(1.0) if config.class_weights is None else jnp.asarray(config.class_weights, jnp.float32)
     cls_sum = box_sum = dfl_sum = jnp.float32(0.0)

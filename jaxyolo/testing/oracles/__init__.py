@@ -5,8 +5,8 @@ loudly if one is missing or at the wrong version; ``scripts/test.sh`` runs it
 before pytest so that an oracle can never be silently skipped.
 
 Per-family helpers live in ``yolov5.py``, ``yolox.py``, ``ultralytics.py`` and
-``yolov9.py`` (the last is our own PyTorch reference: YOLOv9 ships no package).
-They take channels-last numpy/JAX inputs and return numpy values and gradients.
+``yolov9.py`` (YOLOv9's own code, packaged on PyPI as ``yolo9``).  They take
+channels-last numpy/JAX inputs and return numpy values and gradients.
 """
 
 from jaxyolo.testing.oracles._torch import (
@@ -19,28 +19,32 @@ from jaxyolo.testing.oracles._torch import (
     ultralytics_modules,
     versions,
     yolov5_modules,
+    yolov9_modules,
     yolox_modules,
 )
-from jaxyolo.testing.oracles.ultralytics import make_v8_criterion, v8_detection_loss
+from jaxyolo.testing.oracles.ultralytics import make_v8_criterion, ultralytics_nms, v8_detection_loss
 from jaxyolo.testing.oracles.yolov5 import yolov5_compute_loss
-from jaxyolo.testing.oracles.yolov9 import Yolov9Assigner, yolov9_loss
+from jaxyolo.testing.oracles.yolov9 import make_yolov9_criterion, yolov9_assign, yolov9_loss
 from jaxyolo.testing.oracles.yolox import yolox_get_assignments, yolox_get_losses
 
 __all__ = [
     "ORACLE_VERSIONS",
     "grad_nhwc",
     "make_v8_criterion",
+    "make_yolov9_criterion",
     "nhwc_to_torch",
     "numpy",
     "tensor",
     "torch",
     "ultralytics_modules",
+    "ultralytics_nms",
     "v8_detection_loss",
     "versions",
-    "Yolov9Assigner",
     "yolov5_modules",
     "yolov5_compute_loss",
+    "yolov9_assign",
     "yolov9_loss",
+    "yolov9_modules",
     "yolox_get_assignments",
     "yolox_get_losses",
     "yolox_modules",

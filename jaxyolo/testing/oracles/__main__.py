@@ -19,6 +19,7 @@ def main(argv=None) -> int:
     oracles.yolov5_modules()
     oracles.ultralytics_modules()
     oracles.yolox_modules()
+    oracles.yolov9_modules()
     print("oracles importable: " + ", ".join(f"{k}=={v}" for k, v in found.items()))
     return 0
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -12,7 +14,7 @@ import numpy as np
 from jaxyolo.testing import torchvision_shim
 
 #: Pinned oracle versions (also in requirements/oracles.txt and scripts/_env.sh).
-ORACLE_VERSIONS = {"torch": "2.13.0", "ultralytics": "8.4.190", "yolov5": "7.0.14", "yolox": "0.3.0"}
+ORACLE_VERSIONS = {"torch": "2.13.0", "ultralytics": "8.4.190", "yolov5": "7.0.14", "yolox": "0.3.0", "yolo9": "1.0.18"}
 
 
 @functools.cache
@@ -50,6 +52,45 @@ def ultralytics_modules():
 def yolox_modules():
     """``(yolox.models.yolo_head, yolox.models.losses, yolox.utils.boxes)`` from yolox==0.3.0."""
     return _import("yolox.models.yolo_head"), _import("yolox.models.losses"), _import("yolox.utils.boxes")
+
+
+@functools.cache
+def yolov9_modules():
+    """``(loss_tal, assigner, metrics)``: YOLOv9's ``utils/loss_tal.py``, ``utils/tal/assigner.py`` and
+    ``utils/metrics.py`` from yolo9==1.0.18.
+
+    yolo9 (WongKinYiu/yolov9 packaged) imports its own modules as top-level
+    ``utils.*`` / ``models.*`` and appends its folder to ``sys.path``; yolov5
+    does the same with *its* folder, so after yolov5 a plain import would bind
+    ``utils.metrics.bbox_iou`` to yolov5's function (a different CIoU
+    convention) or fail.  The yolo9 modules are therefore imported with
+    yolo9's folder first on the path and any ``utils``/``models`` modules of
+    other packages set aside, then the previous state is restored; the loaded
+    modules keep the references they bound at import.  Checked: the loss and
+    the assigner call yolo9's own ``bbox_iou``.
+    """
+    torch()  # shim first
+    spec = importlib.util.find_spec("yolo9")
+    if spec is None:
+        raise ImportError("yolo9 is not installed: scripts/test.sh installs yolo9==1.0.18 (requirements/oracles.txt)")
+    root = os.path.dirname(spec.origin)
+    owned = lambda name: name.split(".")[0] in ("utils", "models")  # noqa: E731
+    saved_modules = {k: sys.modules.pop(k) for k in list(sys.modules) if owned(k)}
+    saved_path = list(sys.path)
+    sys.path.insert(0, root)
+    try:
+        loss_tal = importlib.import_module("yolo9.utils.loss_tal")
+        assigner, metrics = sys.modules["utils.tal.assigner"], sys.modules["utils.metrics"]
+    finally:
+        for k in [k for k in sys.modules if owned(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved_modules)
+        sys.path[:] = saved_path
+    want = os.path.realpath(os.path.join(root, "utils", "metrics.py"))
+    for fn in (loss_tal.bbox_iou, assigner.bbox_iou, metrics.bbox_iou):
+        if os.path.realpath(fn.__code__.co_filename) != want:
+            raise ImportError(f"yolo9's loss imported bbox_iou from {fn.__code__.co_filename}, not {want}")
+    return loss_tal, assigner, metrics
 
 
 def tensor(x, *, grad=False, dtype=None):

@@ -12,13 +12,14 @@ gradients come back per level.  Targets go in as the ``batch`` dict
 
 from __future__ import annotations
 
+import sys
 import types
 
 import numpy as np
 
-from jaxyolo.testing.oracles._torch import grad_nhwc, nhwc_to_torch, numpy, tensor, torch, ultralytics_modules
+from jaxyolo.testing.oracles._torch import _import, grad_nhwc, nhwc_to_torch, numpy, tensor, torch, ultralytics_modules
 
-__all__ = ["make_v8_criterion", "v8_detection_loss"]
+__all__ = ["make_v8_criterion", "ultralytics_nms", "v8_detection_loss"]
 
 
 def _fake_model(*, strides, nc, reg_max, box, cls, dfl, class_weights):
@@ -117,3 +118,33 @@ def v8_detection_loss(preds_nhwc, targets, *, strides=(8, 16, 32), nc=80, reg_ma
         "grads": [grad_nhwc(x) for x in leaves],
         "assign": assign,
     }
+
+
+def ultralytics_nms(boxes, scores, *, conf_thres, iou_thres, max_det, max_wh=7680):
+    """ultralytics 8.4.190 ``utils.nms.non_max_suppression`` (class-aware, best class per box).
+
+    Upstream runs ``torchvision.ops.nms`` when a module named ``torchvision`` is
+    imported and its own ``TorchNMS.nms`` ("matches torchvision behavior
+    exactly") otherwise; torchvision's compiled op is CUDA-only on PyPI, so the
+    harness' stand-in is hidden for the call and upstream takes ``TorchNMS``.
+
+    Args:
+      boxes: ``(B, A, 4)`` xyxy pixels (fed to upstream as cxcywh, its input format).
+      scores: ``(B, A, nc)`` class scores in ``[0, 1]``.
+
+    Returns:
+      per image, an ``(n, 6)`` numpy array ``[x1, y1, x2, y2, score, class]`` in
+      upstream's output order (descending score).
+    """
+    t = torch()
+    nms = _import("ultralytics.utils.nms")
+    b = np.asarray(boxes, np.float32)
+    xywh = np.concatenate([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], -1)
+    pred = np.concatenate([xywh, np.asarray(scores, np.float32)], -1).transpose(0, 2, 1)  # (B, 4 + nc, A)
+    pred = t.from_numpy(np.ascontiguousarray(pred))
+    shim = sys.modules.pop("torchvision")
+    try:
+        out = nms.non_max_suppression(pred, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, max_wh=max_wh)
+    finally:
+        sys.modules["torchvision"] = shim
+    return [numpy(o) for o in out]

@@ -1,217 +1,181 @@
-"""Our own small PyTorch reference of YOLOv9's ``utils/loss_tal.py`` loss and its
-``utils/tal/assigner.py`` TaskAlignedAssigner (YOLOv9 ships no package).
+"""YOLOv9's ``utils/loss_tal.py`` ``ComputeLoss`` and ``utils/tal/assigner.py``
+``TaskAlignedAssigner`` (yolo9==1.0.18, WongKinYiu/yolov9 packaged), called on
+channels-last inputs.
 
-Written from the published YOLOv9 code's semantics (seed 001 walks through
-``loss_tal.py``), in plain torch, dense and eager like upstream:
+The loss is constructed on a minimal fake model exposing exactly what
+``ComputeLoss.__init__`` reads: ``parameters()`` (for the device), ``hyp``
+(``cls_pw``, ``fl_gamma``, ``label_smoothing``) and ``model[-1]`` (Detect:
+``stride``, ``nc``, ``nl``, ``no``, ``reg_max``).  Predictions go in as the
+per-level NCHW leaves the loss concatenates, so the gradients come back per
+level; targets as the ``(N, 6)`` rows ``[img, cls, cx, cy, w, h]`` of
+``Targets.to_rows``.  YOLOv9 reads the assigner's ``topk``/``alpha``/``beta``
+from the ``YOLOM``/``YOLOA``/``YOLOB`` environment variables at construction;
+here they are set on the constructed assigner instead.  The box/cls/DFL gains
+are hard-coded upstream (7.5 / 0.5 / 1.5).
 
-* assigner: class score of each GT's class at every anchor; CIoU (YOLOv5 /
-  YOLOv9 ``utils/metrics.bbox_iou`` convention -- the installed
-  ``yolov5.utils.metrics.bbox_iou`` is that function and is called here)
-  between every GT and every prediction, clamped at 0; ``align = s**a *
-  ciou**b`` dense; in-GT test without enlargement (``min(ltrb) > 1e-9``);
-  ``torch.topk`` of ``align * in_gt`` per GT with padded GTs pointed at
-  anchor 0 and multiply-counted anchors dropped; ``mask_pos = topk * in_gt *
-  mask_gt``; anchors with several positives go to ``argmax`` over *all* GTs of
-  the dense overlaps; targets normalised by ``max_pos(ov) / (max_pos(align) +
-  eps)``.
-* loss: DFL decode ``softmax . arange``, assigner in pixels, target boxes
-  divided by the stride, ``BCEWithLogits(pos_weight=cls_pw)`` (optionally
-  wrapped in YOLOv5's focal loss, ``fl_gamma > 0``) summed over
-  ``max(tss, 1)``, CIoU box loss and DFL (``bbox2dist(..., reg_max - 1)``
-  clamped to ``reg_max - 1 - 0.01``) on the foreground weighted by the target
-  score sums, gains 7.5 / 0.5 / 1.5, ``loss.sum() * B``.  The "VFL way" line
-  YOLOv9 leaves commented out is available as ``cls_loss="varifocal"``.
+``cls_loss="varifocal"`` runs the "VFL way" line ``ComputeLoss`` ships
+commented out: the class criterion is upstream's own ``VarifocalLoss`` on
+``(cls logits, target_scores, one-hot target labels on the foreground)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import numpy as np
 
-from jaxyolo.testing.oracles._torch import _import, grad_nhwc, nhwc_to_torch, numpy, tensor, torch
+from jaxyolo.testing.oracles._torch import grad_nhwc, nhwc_to_torch, numpy, tensor, torch, yolov9_modules
 
-__all__ = ["Yolov9Assigner", "yolov9_loss"]
+__all__ = ["make_yolov9_criterion", "yolov9_assign", "yolov9_loss"]
 
-
-def _bbox_iou():
-    return _import("yolov5.utils.metrics").bbox_iou
+_ASSIGN_OUTPUTS = ("target_labels", "target_bboxes", "target_scores", "fg_mask")
 
 
-class Yolov9Assigner:
-    """YOLOv9's TaskAlignedAssigner semantics (see the module docstring)."""
-
-    def __init__(self, topk=10, num_classes=80, alpha=0.5, beta=6.0, eps=1e-9):
-        self.topk, self.nc, self.alpha, self.beta, self.eps = topk, num_classes, alpha, beta, eps
-        self.captured = {}
-
-    def __call__(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt):
-        """Shapes as upstream: ``(b, A, nc)``, ``(b, A, 4)`` px, ``(A, 2)`` px,
-        ``(b, n, 1)``, ``(b, n, 4)`` px xyxy, ``(b, n, 1)``."""
-        t = torch()
-        with t.no_grad():
-            return self._assign(t, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt)
-
-    def _assign(self, t, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt):
-        F = t.nn.functional
-        b, n = gt_bboxes.shape[:2]
-        na = pd_scores.shape[1]
-        if n == 0:
-            return (
-                t.full_like(pd_scores[..., 0], self.nc),
-                t.zeros_like(pd_bboxes),
-                t.zeros_like(pd_scores),
-                t.zeros_like(pd_scores[..., 0], dtype=t.bool),
-                t.zeros_like(pd_scores[..., 0], dtype=t.long),
-            )
-        cls = gt_labels.long().squeeze(-1)  # (b, n)
-        # dense metrics over every (GT, anchor) pair, padded GTs included
-        scores = pd_scores.gather(2, cls[:, None, :].expand(-1, na, -1)).permute(0, 2, 1)  # (b, n, A)
-        ciou = _bbox_iou()(gt_bboxes.unsqueeze(2), pd_bboxes.unsqueeze(1), xywh=False, CIoU=True)
-        overlaps = ciou.squeeze(3).clamp(0)
-        align = scores.pow(self.alpha) * overlaps.pow(self.beta)
-        # anchor centre strictly inside the raw GT box
-        lt, rb = gt_bboxes[:, :, None, :2], gt_bboxes[:, :, None, 2:]
-        deltas = t.cat((anc_points[None, None] - lt, rb - anc_points[None, None]), -1)
-        in_gts = (deltas.amin(-1) > self.eps).to(align.dtype)
-        # top-k per GT of the in-GT metric
-        idx = t.topk(align * in_gts, self.topk, dim=-1, largest=True).indices  # (b, n, k)
-        idx = t.where(mask_gt.bool().expand(-1, -1, self.topk), idx, 0)
-        counts = t.zeros_like(align).scatter_add_(-1, idx, t.ones_like(idx, dtype=align.dtype))
-        is_topk = t.where(counts > 1, t.zeros_like(counts), counts)
-        mask_pos = is_topk * in_gts * mask_gt
-        self.captured["align_metric"] = numpy(align.clone())
-        self.captured["overlaps"] = numpy(overlaps.clone())
-        # several positives: the GT of highest dense overlap wins
-        fg = mask_pos.sum(-2)
-        if fg.max() > 1:
-            multi = (fg.unsqueeze(1) > 1).expand(-1, n, -1)
-            best = F.one_hot(overlaps.argmax(1), n).permute(0, 2, 1).to(overlaps.dtype)
-            mask_pos = t.where(multi, best, mask_pos)
-            fg = mask_pos.sum(-2)
-        gt_idx = mask_pos.argmax(-2)  # (b, A)
-        self.captured["mask_pos"] = numpy(mask_pos.clone()).astype(bool)
-        labels = cls.gather(1, gt_idx)
-        boxes = gt_bboxes.gather(1, gt_idx[..., None].expand(-1, -1, 4))
-        target_scores = F.one_hot(labels, self.nc) * (fg[..., None] > 0)
-        align = align * mask_pos
-        pos_align = align.amax(-1, keepdim=True)
-        pos_ov = (overlaps * mask_pos).amax(-1, keepdim=True)
-        norm = (align * pos_ov / (pos_align + self.eps)).amax(-2).unsqueeze(-1)
-        return labels, boxes, target_scores * norm, fg.bool(), gt_idx
-
-
-def _focal(bce, pred, true, gamma, alpha=0.25):
+def _fake_model(*, strides, nc, reg_max, cls_pw, fl_gamma):
     t = torch()
-    p = t.sigmoid(pred)
-    p_t = true * p + (1 - true) * (1 - p)
-    return bce * (true * alpha + (1 - true) * (1 - alpha)) * (1.0 - p_t) ** gamma
+    detect = types.SimpleNamespace(
+        stride=t.tensor(strides, dtype=t.float32), nc=nc, nl=len(strides), no=nc + 4 * reg_max, reg_max=reg_max
+    )
+    param = t.nn.Parameter(t.zeros(1))
+    return types.SimpleNamespace(
+        hyp={"cls_pw": cls_pw, "fl_gamma": fl_gamma, "label_smoothing": 0.0},
+        model=[detect],
+        parameters=lambda: iter([param]),
+    )
+
+
+def _configure(assigner, *, topk, alpha, beta):
+    assigner.topk, assigner.alpha, assigner.beta = topk, alpha, beta
+    return assigner
+
+
+def make_yolov9_criterion(*, strides=(8, 16, 32), nc=80, reg_max=16, topk=10, alpha=0.5, beta=6.0, cls_pw=1.0,
+                          fl_gamma=0.0):
+    """An upstream YOLOv9 ``ComputeLoss`` on a fake model (see the module docstring)."""
+    loss_tal, _, _ = yolov9_modules()
+    crit = loss_tal.ComputeLoss(_fake_model(strides=strides, nc=nc, reg_max=reg_max, cls_pw=cls_pw, fl_gamma=fl_gamma))
+    _configure(crit.assigner, topk=topk, alpha=alpha, beta=beta)
+    return crit
+
+
+@contextlib.contextmanager
+def _capturing(assigner):
+    """Record the assigner's outputs and its ``(B, M, A)`` intermediates.
+
+    Yields a dict filled, as the assigner runs, with the forward outputs
+    (:data:`_ASSIGN_OUTPUTS`), ``align_metric``/``overlaps`` as
+    ``get_pos_mask`` returns them (before the in-place ``align_metric *=
+    mask_pos``) and ``mask_pos``/``target_gt_idx`` from
+    ``select_highest_overlaps`` (a module-level function upstream, wrapped for
+    the duration).
+    """
+    _, assigner_mod, _ = yolov9_modules()
+    captured = {}
+    orig_pos, orig_sel = assigner.get_pos_mask, assigner_mod.select_highest_overlaps
+
+    def get_pos_mask(*args, **kwargs):
+        mask_pos, align, overlaps = orig_pos(*args, **kwargs)
+        captured.update(align_metric=numpy(align.clone()), overlaps=numpy(overlaps.clone()))
+        return mask_pos, align, overlaps
+
+    def select_highest_overlaps(*args, **kwargs):
+        target_gt_idx, fg_mask, mask_pos = orig_sel(*args, **kwargs)
+        captured.update(target_gt_idx=numpy(target_gt_idx).astype(np.int64), mask_pos=numpy(mask_pos).astype(bool))
+        return target_gt_idx, fg_mask, mask_pos
+
+    def hook(_module, _inputs, out):
+        captured.update({k: v.clone() for k, v in zip(_ASSIGN_OUTPUTS, out)})
+
+    assigner.get_pos_mask = get_pos_mask
+    assigner_mod.select_highest_overlaps = select_highest_overlaps
+    handle = assigner.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+        del assigner.get_pos_mask
+        assigner_mod.select_highest_overlaps = orig_sel
+
+
+def _assign_numpy(captured):
+    out = {k: numpy(captured[k]) for k in _ASSIGN_OUTPUTS}
+    out["fg_mask"] = out["fg_mask"].astype(bool)
+    out["target_scores"] = out["target_scores"].astype(np.float32)
+    for k in ("align_metric", "overlaps", "mask_pos", "target_gt_idx"):
+        if k in captured:  # absent when upstream short-circuits (no GT slot in the batch)
+            out[k] = captured[k]
+    return out
+
+
+def yolov9_assign(pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, *, nc, topk=10, alpha=0.5,
+                  beta=6.0):
+    """Upstream ``TaskAlignedAssigner`` on numpy inputs (shapes and units as upstream).
+
+    Args:
+      pd_scores: ``(B, A, nc)`` probabilities.
+      pd_bboxes: ``(B, A, 4)`` pixels xyxy.
+      anc_points: ``(A, 2)`` pixels.
+      gt_labels: ``(B, M)`` class ids.
+      gt_bboxes: ``(B, M, 4)`` pixels xyxy.
+      mask_gt: ``(B, M)`` bool.
+
+    Returns:
+      dict of numpy arrays: the forward outputs ``target_labels``,
+      ``target_bboxes``, ``target_scores``, ``fg_mask`` and the intermediates
+      ``align_metric``, ``overlaps``, ``mask_pos`` ``(B, M, A)`` and
+      ``target_gt_idx`` ``(B, A)``.
+    """
+    _, assigner_mod, _ = yolov9_modules()
+    assigner = _configure(assigner_mod.TaskAlignedAssigner(num_classes=nc), topk=topk, alpha=alpha, beta=beta)
+    with _capturing(assigner) as captured:
+        assigner(
+            tensor(pd_scores), tensor(pd_bboxes), tensor(anc_points), tensor(np.asarray(gt_labels)[..., None]),
+            tensor(gt_bboxes), tensor(np.asarray(mask_gt)[..., None]),
+        )
+    return _assign_numpy(captured)
 
 
 def yolov9_loss(preds_nhwc, targets, *, strides=(8, 16, 32), nc=80, reg_max=16, topk=10, alpha=0.5, beta=6.0,
-                box=7.5, cls=0.5, dfl=1.5, cls_pw=1.0, fl_gamma=0.0, cls_loss="bce"):
-    """YOLOv9 ``ComputeLoss`` forward + backward on channels-last inputs.
+                cls_pw=1.0, fl_gamma=0.0, cls_loss="bce"):
+    """Run upstream YOLOv9 ``ComputeLoss`` forward + backward.
 
     Args:
-      preds_nhwc: per level ``(B, H, W, 4*reg_max + nc)``.
-      targets: :class:`jaxyolo.Targets` (fed as ``to_rows`` rows) or ``(N, 6)``
-        rows ``[img, cls, cx, cy, w, h]`` normalised.
+      preds_nhwc: per level ``(B, H, W, 4*reg_max + nc)`` arrays.
+      targets: a :class:`jaxyolo.Targets` (fed through ``to_rows`` so GT order
+        matches) or ``(N, 6)`` rows ``[img, cls, cx, cy, w, h]`` normalised.
+      cls_loss: ``"bce"`` (upstream's line) or ``"varifocal"`` (the commented
+        "VFL way", see the module docstring).
 
     Returns:
       dict like :func:`jaxyolo.testing.oracles.ultralytics.v8_detection_loss`:
-      ``total``, ``components`` (box, cls, dfl), per-level NHWC ``grads`` and
-      ``assign`` (assigner outputs, ``align_metric``/``overlaps``/``mask_pos``).
+      ``total`` (``loss.sum() * B``), ``components`` ``(3,)`` box/cls/dfl,
+      per-level NHWC ``grads`` and ``assign`` (the assigner outputs in pixels,
+      ``target_gt_idx`` and the ``(B, M, A)`` ``align_metric`` / ``overlaps``
+      / ``mask_pos``; ``M`` is the per-batch max GT count upstream pads to).
     """
+    if cls_loss not in ("bce", "varifocal"):
+        raise ValueError(f"cls_loss must be 'bce' or 'varifocal', got {cls_loss!r}")
     t = torch()
-    F = t.nn.functional
-    tal = _import("ultralytics.utils.tal")  # make_anchors / dist2bbox are YOLOv9's, unchanged
+    loss_tal, _, _ = yolov9_modules()
+    crit = make_yolov9_criterion(strides=strides, nc=nc, reg_max=reg_max, topk=topk, alpha=alpha, beta=beta,
+                                 cls_pw=cls_pw, fl_gamma=fl_gamma)
     rows = targets.to_rows() if hasattr(targets, "to_rows") else np.asarray(targets, np.float32).reshape(-1, 6)
     leaves = [nhwc_to_torch(p, grad=True) for p in preds_nhwc]
-    b, no = leaves[0].shape[:2]
-    pred_distri, pred_scores = t.cat([x.view(b, no, -1) for x in leaves], 2).split((reg_max * 4, nc), 1)
-    pred_scores = pred_scores.permute(0, 2, 1).contiguous()
-    pred_distri = pred_distri.permute(0, 2, 1).contiguous()
-    stride_t = t.tensor(strides, dtype=t.float32)
-    imgsz = t.tensor(leaves[0].shape[2:], dtype=t.float32) * stride_t[0]  # (h, w)
-    anchor_points, stride_tensor = tal.make_anchors(leaves, stride_t, 0.5)
+    with _capturing(crit.assigner) as captured:
+        if cls_loss == "varifocal":
+            vfl = loss_tal.VarifocalLoss()
 
-    # targets -> (b, n_max, 5) [cls, x1, y1, x2, y2] pixels
-    tg = tensor(rows)
-    if tg.shape[0] == 0:
-        out = t.zeros(b, 0, 5)
-    else:
-        i = tg[:, 0]
-        _, counts = i.unique(return_counts=True)
-        out = t.zeros(b, int(counts.max()), 5)
-        for j in range(b):
-            sel = i == j
-            k = int(sel.sum())
-            if k:
-                out[j, :k] = tg[sel, 1:]
-        xywh = out[..., 1:5] * imgsz[[1, 0, 1, 0]]
-        out[..., 1:5] = t.cat((xywh[..., :2] - xywh[..., 2:] / 2, xywh[..., :2] + xywh[..., 2:] / 2), -1)
-    gt_labels, gt_bboxes = out.split((1, 4), 2)
-    mask_gt = gt_bboxes.sum(2, keepdim=True).gt_(0)
+            def vfl_way(pred_scores, target_scores):
+                label = t.nn.functional.one_hot(captured["target_labels"].long(), nc) * captured["fg_mask"][..., None]
+                return vfl(pred_scores, target_scores, label.to(pred_scores.dtype))
 
-    proj = t.arange(reg_max, dtype=t.float32)
-    pred_ltrb = pred_distri.view(b, -1, 4, reg_max).softmax(3).matmul(proj)
-    pred_bboxes = tal.dist2bbox(pred_ltrb, anchor_points, xywh=False)
-
-    assigner = Yolov9Assigner(topk=topk, num_classes=nc, alpha=alpha, beta=beta)
-    target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx = assigner(
-        pred_scores.detach().sigmoid(),
-        (pred_bboxes.detach() * stride_tensor).type(gt_bboxes.dtype),
-        anchor_points * stride_tensor,
-        gt_labels,
-        gt_bboxes,
-        mask_gt,
-    )
-    assign = dict(
-        target_labels=numpy(target_labels),
-        target_bboxes=numpy(target_bboxes.clone()),
-        target_scores=numpy(target_scores.float()),
-        fg_mask=numpy(fg_mask),
-        target_gt_idx=numpy(target_gt_idx),
-        **assigner.captured,
-    )
-    target_bboxes = target_bboxes / stride_tensor
-    target_scores = target_scores.float()
-    tss = max(target_scores.sum(), 1)
-
-    loss = t.zeros(3)
-    if cls_loss == "varifocal":
-        onehot = F.one_hot(target_labels, nc).float() * fg_mask[..., None]
-        weight = 0.75 * pred_scores.sigmoid().pow(2.0) * (1 - onehot) + target_scores * onehot
-        vfl = F.binary_cross_entropy_with_logits(pred_scores, target_scores, reduction="none") * weight
-        loss[1] = vfl.sum() / tss
-    else:
-        bce = F.binary_cross_entropy_with_logits(
-            pred_scores, target_scores, pos_weight=t.tensor([cls_pw]), reduction="none"
-        )
-        if fl_gamma > 0:
-            bce = _focal(bce, pred_scores, target_scores, fl_gamma)
-        loss[1] = bce.sum() / tss
-
-    if fg_mask.sum():
-        w = target_scores.sum(-1)[fg_mask].unsqueeze(-1)
-        iou = _bbox_iou()(pred_bboxes[fg_mask], target_bboxes[fg_mask], xywh=False, CIoU=True)
-        loss[0] = ((1.0 - iou) * w).sum() / tss
-        ltrb = t.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
-        ltrb = ltrb.clamp(0, reg_max - 1 - 0.01)[fg_mask]
-        pd = pred_distri[fg_mask].view(-1, reg_max)
-        tl = ltrb.long()
-        tr = tl + 1
-        wl = tr.float() - ltrb
-        wr = 1 - wl
-        ce_l = F.cross_entropy(pd, tl.view(-1), reduction="none").view(tl.shape)
-        ce_r = F.cross_entropy(pd, tr.view(-1), reduction="none").view(tl.shape)
-        loss[2] = ((ce_l * wl + ce_r * wr).mean(-1, keepdim=True) * w).sum() / tss
-    loss[0] *= box
-    loss[1] *= cls
-    loss[2] *= dfl
-    total = loss.sum() * b
+            crit.BCEcls = vfl_way
+        total, components = crit(leaves, tensor(rows))
     total.backward()
     return {
         "total": float(total.detach()),
-        "components": numpy(loss).astype(np.float64),
+        "components": numpy(components).astype(np.float64),
         "grads": [grad_nhwc(x) for x in leaves],
-        "assign": assign,
+        "assign": _assign_numpy(captured),
     }
