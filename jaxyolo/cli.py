@@ -3,6 +3,8 @@
     jaxyolo train [--loss yolov8|yolov5|yolox] [--data embedded|PATH] [--epochs N]
                   [--img-size S] [--batch B] [--out DIR] [--resume] ...
     jaxyolo eval --checkpoint DIR
+    jaxyolo convert FILE [--name N] --out DIR       (PyTorch checkpoint -> jaxyolo weights)
+    jaxyolo compare --weights FILE [--name N] [--images DIR]   (upstream vs converted)
 
 Defaults train the embedded shapes dataset with the YOLOv8 loss and print
 the val mAP@0.5 and mAP@0.5:0.95 of the EMA model at the end.
@@ -52,6 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint's EMA model on its val split")
     e.add_argument("--checkpoint", required=True, help="a run directory (or its checkpoints/ folder)")
     e.add_argument("--batch", type=int, default=None)
+
+    c = sub.add_parser("convert", help="convert an upstream PyTorch checkpoint to a jaxyolo weights directory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("file", help="ultralytics / yolov5 .pt, or YOLOX .pth")
+    c.add_argument("--name", default=None, help="model name (yolov8n, yolo11s, yolov5m, yolox-nano, ...); inferred from .pt files")
+    c.add_argument("--nc", type=int, default=None, help="number of classes (default: from the checkpoint)")
+    c.add_argument("--out", required=True, help="output directory (orbax arrays + model.json)")
+
+    k = sub.add_parser("compare", help="run an upstream PyTorch checkpoint and its conversion on the same images",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    k.add_argument("--weights", required=True, help="ultralytics / yolov5 .pt, or YOLOX .pth")
+    k.add_argument("--name", default=None, help="model name; inferred from .pt files")
+    k.add_argument("--nc", type=int, default=None, help="number of classes (default: from the checkpoint)")
+    k.add_argument("--images", default=None, help="directory of images (default: random images)")
+    k.add_argument("--labels", default=None, help="YOLO label directory (default: labels/ next to images/); adds the loss")
+    k.add_argument("--img-size", type=int, default=640, help="square image side, multiple of 32")
+    k.add_argument("--batch", type=int, default=2, help="random images")
+    k.add_argument("--max-images", type=int, default=16, help="images read from --images")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--tol", type=float, default=None, help="exit 1 if a relative difference exceeds this")
     return p
 
 
@@ -114,6 +136,14 @@ def _eval(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        from jaxyolo.compare import convert_command
+
+        return convert_command(args)
+    if args.command == "compare":
+        from jaxyolo.compare import compare_command
+
+        return compare_command(args)
     return _train(args) if args.command == "train" else _eval(args)
 
 

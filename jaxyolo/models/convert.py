@@ -37,7 +37,7 @@ from jaxyolo.models import yolov5 as _v5
 from jaxyolo.models.graph import STRIDES
 from jaxyolo.models.registry import MODELS, build_model, get_spec
 
-__all__ = ["from_torch", "to_torch_state_dict", "save_weights", "load_weights", "torch_key", "WEIGHTS_FORMAT"]
+__all__ = ["from_torch", "to_torch_state_dict", "save_weights", "load_weights", "infer_nc", "torch_key", "WEIGHTS_FORMAT"]
 
 WEIGHTS_FORMAT = "jaxyolo-weights/1"
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -105,8 +105,10 @@ def _numpy(v) -> np.ndarray:
     return np.asarray(v)
 
 
-def _infer_nc(spec, sd) -> int | None:
-    """The class count the checkpoint's prediction convs say, or None."""
+def infer_nc(name: str, state_dict) -> int | None:
+    """The class count a ``name`` state_dict's prediction convs say, or None."""
+    spec = get_spec(name)
+    sd = state_dict
     if spec.family == "yolox":
         key, div, sub = "head.cls_preds.0.bias", 1, 0
     elif spec.family == "ultralytics":
@@ -174,7 +176,7 @@ def from_torch(source, *, name: str | None = None, nc: int | None = None, dtype=
         raise ValueError(f"name={name!r} but the checkpoint is a {meta['name']}")
     spec = get_spec(name)
     sd = {k: _numpy(v) for k, v in sd.items()}
-    found = _infer_nc(spec, sd)
+    found = infer_nc(name, sd)
     if nc is None:
         if found is None:
             raise ValueError(f"nc is required: no class count found in the {name} state_dict")

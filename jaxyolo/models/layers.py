@@ -288,7 +288,7 @@ def maxpool_same(x, k: int):
     """``torch.nn.MaxPool2d(k, stride=1, padding=k // 2)`` on ``(B, H, W, C)``."""
     pad = k // 2
     return jax.lax.reduce_window(
-        x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), [(0, 0), (pad, pad), (pad, pad), (0, 0)]
+        x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), [(0, 0), (pad, pad), (pad, pad), (0, 0)]
     )
 
 

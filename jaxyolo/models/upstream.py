@@ -22,7 +22,7 @@ import numpy as np
 from jaxyolo.models import yolov5 as _v5
 from jaxyolo.models.registry import get_spec
 
-__all__ = ["torch", "build_upstream", "read_checkpoint", "module_state", "torch_images", "raw_outputs", "to_nhwc"]
+__all__ = ["torch", "build_upstream", "read_checkpoint", "load_module", "module_state", "torch_images", "raw_outputs", "to_nhwc"]
 
 
 def torch():
@@ -64,14 +64,9 @@ class _Unpickler(pickle.Unpickler):
 _remap_pickle = types.SimpleNamespace(Unpickler=_Unpickler, load=pickle.load, __name__="jaxyolo_remap_pickle")
 
 
-def read_checkpoint(path):
-    """``(state_dict, meta)`` of an upstream checkpoint file.
-
-    ``meta`` may hold ``name`` (registry name) and ``names`` (class names).
-    A plain ``{"model": state_dict}`` (YOLOX) or bare ``state_dict`` loads with
-    ``weights_only=True``; pickled models (ultralytics / yolov5 ``.pt``) need
-    ``weights_only=False`` and the upstream package, as upstream loads them.
-    """
+def _load(path):
+    """The object in an upstream checkpoint file: an ``nn.Module`` (pickled
+    ultralytics / yolov5 models) or a ``state_dict``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file {path}")
@@ -82,13 +77,50 @@ def read_checkpoint(path):
         obj = t.load(path, map_location="cpu", weights_only=False, pickle_module=_remap_pickle)
     if isinstance(obj, Mapping):
         m = obj.get("ema") or obj.get("model")
-        if isinstance(m, t.nn.Module):
-            return module_state(m)
-        if isinstance(m, Mapping):
-            return dict(m), {}
+        if isinstance(m, (t.nn.Module, Mapping)):
+            return m
         if obj and all(hasattr(v, "shape") for v in obj.values()):
-            return dict(obj), {}
+            return obj
     raise ValueError(f"{path}: not an upstream checkpoint (expected a dict with a 'model' module or state_dict, or a state_dict)")
+
+
+def read_checkpoint(path):
+    """``(state_dict, meta)`` of an upstream checkpoint file.
+
+    ``meta`` may hold ``name`` (registry name) and ``names`` (class names).
+    A plain ``{"model": state_dict}`` (YOLOX) or bare ``state_dict`` loads with
+    ``weights_only=True``; pickled models (ultralytics / yolov5 ``.pt``) need
+    ``weights_only=False`` and the upstream package, as upstream loads them.
+    """
+    obj = _load(path)
+    return module_state(obj) if hasattr(obj, "state_dict") else (dict(obj), {})
+
+
+def load_module(source, *, name: str | None = None, nc: int | None = None):
+    """``(module, name)``: the upstream ``nn.Module`` of a checkpoint, float32,
+    eval mode -- the pickled module itself, or for a ``state_dict`` (a YOLOX
+    ``.pth``, an in-memory dict) :func:`build_upstream` of ``name`` loaded with
+    ``load_state_dict(strict=True)``."""
+    obj = _load(source) if isinstance(source, (str, Path)) else source
+    if hasattr(obj, "state_dict"):
+        found = _infer_name(obj)
+        if name is not None and found not in (None, name):
+            raise ValueError(f"name={name!r} but the checkpoint is a {found}")
+        name = name or found
+        if name is None:
+            raise ValueError("name is required: the checkpoint does not say which model it is")
+        return obj.float().eval(), name
+    if name is None:
+        raise ValueError("name is required for a state_dict checkpoint")
+    from jaxyolo.models.convert import infer_nc
+
+    nc = nc or infer_nc(name, obj)
+    if nc is None:
+        raise ValueError(f"nc is required: no class count found in the {name} state_dict")
+    module = build_upstream(name, nc=nc)
+    t = torch()
+    module.load_state_dict({k: v if hasattr(v, "detach") else t.as_tensor(np.asarray(v)) for k, v in obj.items()}, strict=True)
+    return module.eval(), name
 
 
 _ULTRALYTICS_NAME = re.compile(r"^(yolov8|yolo11)([nslmx])?$")
