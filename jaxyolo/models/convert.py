@@ -37,7 +37,7 @@ from jaxyolo.models import yolov5 as _v5
 from jaxyolo.models.graph import STRIDES
 from jaxyolo.models.registry import MODELS, build_model, get_spec
 
-__all__ = ["from_torch", "to_torch_state_dict", "save_weights", "load_weights", "infer_nc", "torch_key", "WEIGHTS_FORMAT"]
+__all__ = ["from_torch", "to_torch_state_dict", "to_torch_arrays", "save_weights", "load_weights", "infer_nc", "torch_key", "WEIGHTS_FORMAT"]
 
 WEIGHTS_FORMAT = "jaxyolo-weights/1"
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -79,6 +79,12 @@ def _constants(model) -> dict[str, np.ndarray]:
     return {}
 
 
+def to_torch_arrays(state) -> dict[str, np.ndarray]:
+    """An NNX state (a model's, or gradients from ``nnx.grad``) as ``{state_dict key:
+    np.ndarray}`` in torch layout, float32 (no constants, no ``num_batches_tracked``)."""
+    return {torch_key(p): _to_torch_layout(p[-1], np.array(v[...], np.float32)) for p, v in nnx.to_flat_state(state)}
+
+
 def to_torch_state_dict(model) -> dict[str, np.ndarray]:
     """The model's parameters and BatchNorm statistics as upstream's ``state_dict``.
 
@@ -89,11 +95,9 @@ def to_torch_state_dict(model) -> dict[str, np.ndarray]:
       ``{key: np.ndarray}`` (float32; ``num_batches_tracked`` int64 zeros) that
       ``upstream_model.load_state_dict({k: torch.from_numpy(v) ...}, strict=True)`` accepts.
     """
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        out[torch_key(path)] = _to_torch_layout(path[-1], np.asarray(var[...], np.float32))
-        if path[-1] == "mean":
-            out[".".join(map(str, path[:-1])) + ".num_batches_tracked"] = np.zeros((), np.int64)
+    out = to_torch_arrays(nnx.state(model))
+    for k in [k for k in out if k.endswith(".running_mean")]:
+        out[k[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
     out.update(_constants(model))
     return out
 
