@@ -29,6 +29,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -127,6 +128,16 @@ def infer_nc(name: str, state_dict) -> int | None:
     return int(np.shape(sd[key])[0] // div - sub)
 
 
+def _abstract_model(name, **kwargs):
+    """``build_model(name, **kwargs)`` with abstract arrays (no random init: the weights come next)."""
+    return nnx.eval_shape(lambda: build_model(name, **kwargs))
+
+
+def _fill(model, state, values) -> None:
+    """Give every variable of ``state`` (``model``'s flat state) its value from ``values[path]``."""
+    nnx.update(model, nnx.from_flat_state([(p, type(v)(jnp.asarray(values[p], jnp.float32))) for p, v in state]))
+
+
 def _mismatch_error(missing, unexpected, misshaped, name) -> ValueError:
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
@@ -193,7 +204,7 @@ def from_torch(source, *, name: str | None = None, nc: int | None = None, dtype=
         key = f"model.{_detect_index(spec)}.anchors"
         if key in sd and sd[key].ndim == 3:
             kwargs["anchors"] = sd[key].astype(np.float32) * np.asarray(STRIDES, np.float32)[: len(sd[key]), None, None]
-    model = build_model(name, nc=nc, dtype=dtype, **kwargs)
+    model = _abstract_model(name, nc=nc, dtype=dtype, **kwargs)
 
     state = nnx.to_flat_state(nnx.state(model))
     expected = {torch_key(p): p for p, _ in state}
@@ -216,7 +227,7 @@ def from_torch(source, *, name: str | None = None, nc: int | None = None, dtype=
             misshaped.append(f"{k} (expected the constant {want.reshape(-1)[:4].tolist()}...)")
     if missing or unexpected or misshaped:
         raise _mismatch_error(missing, unexpected, misshaped, name)
-    nnx.update(model, nnx.from_flat_state([(p, type(v)(values[p])) for p, v in state]))
+    _fill(model, state, values)
     if meta.get("names") is not None:
         model.class_names = tuple(meta["names"])
     return model
@@ -272,7 +283,7 @@ def load_weights(path, *, name: str | None = None, nc: int | None = None, dtype=
         if value is not None and value != meta[arg]:
             raise ValueError(f"{arg}={value!r} but {path} holds {arg}={meta[arg]!r}")
     kwargs = {"anchors": np.asarray(meta["anchors"], np.float32)} if "anchors" in meta else {}
-    model = build_model(meta["name"], nc=meta["nc"], dtype=dtype, **kwargs)
+    model = _abstract_model(meta["name"], nc=meta["nc"], dtype=dtype, **kwargs)
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckpt:
@@ -284,7 +295,7 @@ def load_weights(path, *, name: str | None = None, nc: int | None = None, dtype=
     bad = [k for p, v in state if np.shape(flat[k := ".".join(map(str, p))]) != v.shape]
     if bad:
         raise _mismatch_error([], [], bad, meta["name"])
-    nnx.update(model, nnx.from_flat_state([(p, type(v)(np.asarray(flat[".".join(map(str, p))]))) for p, v in state]))
+    _fill(model, state, {p: flat[".".join(map(str, p))] for p, _ in state})
     if meta.get("names") is not None:
         model.class_names = tuple(meta["names"])
     return model

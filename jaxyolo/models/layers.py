@@ -53,25 +53,28 @@ def _host_rng(key) -> np.random.Generator:
     return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
 
-def _torch_conv_init(key, shape, dtype=jnp.float32):
-    """torch's default Conv2d weight init (kaiming_uniform, a=sqrt(5)), which
-    YOLO keeps: ``U(-b, b)`` with ``b = 1 / sqrt(fan_in)``; ``shape`` is flax's
-    ``(kh, kw, C_in / groups, C_out)``.
-
-    Drawn with numpy from the flax key: jax.random would compile one XLA
-    kernel per parameter shape (tens of seconds on a CPU for one model).
-    """
-    fan_in = int(np.prod(shape[:-1]))
-    bound = 1.0 / np.sqrt(max(fan_in, 1))
+def _uniform(key, bound: float, shape, dtype):
+    """``U(-bound, bound)`` drawn with numpy from the flax key (jax.random would
+    compile one XLA kernel per parameter shape: tens of seconds on a CPU for
+    one model); under abstract evaluation (``nnx.eval_shape``, jit) with
+    ``jax.random`` instead."""
+    if isinstance(key, jax.core.Tracer):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
     return jnp.asarray(_host_rng(key).uniform(-bound, bound, shape), dtype)
 
 
+def _torch_conv_init(key, shape, dtype=jnp.float32):
+    """torch's default Conv2d weight init (kaiming_uniform, a=sqrt(5)), which
+    YOLO keeps: ``U(-b, b)`` with ``b = 1 / sqrt(fan_in)``; ``shape`` is flax's
+    ``(kh, kw, C_in / groups, C_out)``."""
+    return _uniform(key, 1.0 / np.sqrt(max(int(np.prod(shape[:-1])), 1)), shape, dtype)
+
+
 def torch_bias_init(fan_in: int):
-    """torch's default Conv2d bias init: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (numpy-drawn)."""
-    bound = 1.0 / max(fan_in, 1) ** 0.5
+    """torch's default Conv2d bias init: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
 
     def init(key, shape, dtype=jnp.float32):
-        return jnp.asarray(_host_rng(key).uniform(-bound, bound, shape), dtype)
+        return _uniform(key, 1.0 / max(fan_in, 1) ** 0.5, shape, dtype)
 
     return init
 
