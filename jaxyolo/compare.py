@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["convert", "compare", "read_images"]
+__all__ = ["convert", "compare", "read_images", "yolox_label_array"]
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -100,7 +100,7 @@ def _upstream_loss(module, family, x, raw, rows, targets, image_size):
             loss, items = ComputeLoss(module)(list(raw), t.from_numpy(rows))
             return float(loss.sum()), dict(zip(("box", "obj", "cls"), map(float, items)))
         # YOLOX: the head computes its loss only in training mode; BatchNorm stays on running statistics.
-        labels = _yolox_labels(targets, image_size)
+        labels = yolox_label_array(targets, image_size)
         module.train()
         for m in module.modules():
             if isinstance(m, t.nn.BatchNorm2d):
@@ -112,7 +112,7 @@ def _upstream_loss(module, family, x, raw, rows, targets, image_size):
         return float(out["total_loss"]), {k: float(out[f"{k}_loss"]) for k in ("iou", "conf", "cls", "l1")}
 
 
-def _yolox_labels(targets, image_size):
+def yolox_label_array(targets, image_size):
     """``Targets`` -> YOLOX's padded ``(B, M, 5)`` ``[class, cx, cy, w, h]`` pixels
     (real rows first, as ``Targets`` keeps them; the same float32 product as ``yolox_loss``)."""
     h, w = image_size
@@ -123,21 +123,13 @@ def _yolox_labels(targets, image_size):
 
 
 def _jax_loss(model, preds, targets):
+    """jaxyolo's loss of the model's family (jitted), components named as upstream's."""
     import jax
 
-    import jaxyolo
+    from jaxyolo.models.registry import model_loss
 
-    return jax.jit(lambda p, tg: _loss_terms(model, p, tg, jaxyolo))(preds, targets)
-
-
-def _loss_terms(model, preds, targets, jaxyolo):
-    if model.head_type == "yolov8":
-        total, parts = jaxyolo.yolov8_loss(preds, targets, strides=model.strides,
-                                           config=jaxyolo.TalLossConfig(reg_max=model.head.reg_max))
-    elif model.head_type == "yolov5":
-        total, parts, _ = jaxyolo.yolov5_loss(preds, targets, anchors=model.head.anchor_array, strides=model.strides)
-    else:
-        total, parts = jaxyolo.yolox_loss(preds, targets, strides=model.strides)
+    total, parts = jax.jit(lambda p, tg: model_loss(model, p, tg))(preds, targets)
+    if model.head_type == "yolox":
         parts = {"iou": parts["iou"], "conf": parts["obj"], "cls": parts["cls"], "l1": parts["l1"]}
     return total, parts
 

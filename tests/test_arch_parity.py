@@ -29,6 +29,7 @@ import jaxyolo
 from jaxyolo.models import from_torch, to_torch_state_dict
 from jaxyolo.models.convert import to_torch_arrays
 from jaxyolo.models.layers import BN_EPS, BN_MOMENTUM
+from jaxyolo.models.registry import model_loss
 
 # (name, nc, (H, W)): two sizes per family, odd class counts, non-square inputs.
 FORWARD_CASES = [
@@ -115,16 +116,6 @@ def _upstream_step(up, name, x, rows, targets, oracles):
     return float(total.detach()), comps
 
 
-def _jax_loss(model, preds, targets):
-    if model.head_type == "yolov8":
-        total, comps = jaxyolo.yolov8_loss(preds, targets, strides=model.strides)
-    elif model.head_type == "yolov5":
-        total, comps, _ = jaxyolo.yolov5_loss(preds, targets, anchors=model.head.anchor_array, strides=model.strides)
-    else:
-        total, comps = jaxyolo.yolox_loss(preds, targets, strides=model.strides)
-    return total, comps
-
-
 def _train_step(model, x, targets):
     """``((loss, components), grads)`` of one train-mode step; ``model``'s
     BatchNorm statistics are updated as the forward moved them."""
@@ -132,7 +123,7 @@ def _train_step(model, x, targets):
 
     def loss_fn(p, r, im, tg):
         m = nnx.merge(graph, p, jax.tree.map(lambda a: a, r))  # fresh Variables: BatchNorm writes its statistics
-        total, comps = _jax_loss(m, m(im), tg)
+        total, comps = model_loss(m, m(im), tg)
         return total, (comps, nnx.state(m, nnx.BatchStat))
 
     step = compiled(jax.value_and_grad(loss_fn, has_aux=True), params, rest, x, targets)

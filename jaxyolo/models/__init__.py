@@ -20,7 +20,7 @@ from jaxyolo.models.heads import (
     decode_yolov8,
     decode_yolox,
 )
-from jaxyolo.models.registry import MODELS, ModelSpec, build_model
+from jaxyolo.models.registry import MODELS, ModelSpec, build_model, model_loss
 
 __all__ = [
     "HEAD_TYPES",
@@ -42,6 +42,7 @@ __all__ = [
     "decode_yolox",
     "from_torch",
     "load_weights",
+    "model_loss",
     "save_weights",
     "to_torch_state_dict",
 ]

@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxyolo.models import ultralytics, yolov5, yolox
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec"]
+__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", "model_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,3 +87,27 @@ def build_model(name: str, *, nc: int, seed: int = 0, dtype=None, **kwargs) -> n
     if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
         raise ValueError(f"nc must be a positive int, got {nc!r}")
     return spec.builder(nc=nc, name=name, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs)
+
+
+def model_loss(model, preds, targets):
+    """The loss of ``model``'s family with upstream's default hyperparameters:
+    ``yolov8_loss`` (ultralytics ``v8DetectionLoss``), ``yolov5_loss``
+    (``ComputeLoss``, initial level balance) or ``yolox_loss`` (``get_losses``).
+
+    Args:
+      model: any jaxyolo detector (``head_type``, ``strides``, ``head``).
+      preds: ``model(images)``.
+      targets: :class:`jaxyolo.Targets` ``(B, M)``.
+
+    Returns:
+      ``(total, components)`` as the loss returns them (scalar float32, dict).
+    """
+    import jaxyolo
+
+    if model.head_type == "yolov8":
+        config = jaxyolo.TalLossConfig(reg_max=model.head.reg_max)
+        return jaxyolo.yolov8_loss(preds, targets, strides=model.strides, config=config)
+    if model.head_type == "yolov5":
+        total, parts, _ = jaxyolo.yolov5_loss(preds, targets, anchors=model.head.anchor_array, strides=model.strides)
+        return total, parts
+    return jaxyolo.yolox_loss(preds, targets, strides=model.strides)

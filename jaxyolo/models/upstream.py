@@ -8,7 +8,9 @@ jaxyolo[torch]``); only :func:`jaxyolo.models.from_torch` on a file or module,
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import pickle
 import re
 import sys
@@ -162,16 +164,31 @@ def build_upstream(name: str, *, nc: int):
     if spec.family == "ultralytics":
         from ultralytics.nn.tasks import DetectionModel
 
-        return DetectionModel(f"{name}.yaml", nc=nc, verbose=False)
+        with _quiet("ultralytics"):  # "Overriding model.yaml nc" notes
+            return DetectionModel(f"{name}.yaml", nc=nc, verbose=False)
     if spec.family == "yolov5":
         from yolov5.models import yolo
 
-        return yolo.Model(str(Path(yolo.__file__).parent / f"{name}.yaml"), nc=nc)
+        with _quiet("yolov5"):  # its layer table and summary
+            return yolo.Model(str(Path(yolo.__file__).parent / f"{name}.yaml"), nc=nc)
     from yolox.exp import get_exp
 
     exp = get_exp(exp_name=name)
     exp.num_classes = nc
     return exp.get_model().train()
+
+
+@contextlib.contextmanager
+def _quiet(*loggers):
+    """Raise the named loggers to WARNING for the duration."""
+    saved = [(lg, lg.level) for lg in map(logging.getLogger, loggers)]
+    for lg, _ in saved:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
 
 
 # --------------------------------------------------------------- running
