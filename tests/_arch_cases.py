@@ -39,12 +39,13 @@ def upstream_model(name: str, nc: int, *, seed: int = 0):
     return module
 
 
-def random_rows(rng, *, batch: int, nc: int, per_image: int = 3) -> np.ndarray:
-    """``(batch * per_image, 6)`` float32 rows ``[image, class, cx, cy, w, h]`` (boxes inside the image)."""
+def random_rows(rng, *, batch: int, nc: int, per_image: int = 3, sizes=(0.1, 0.5)) -> np.ndarray:
+    """``(batch * per_image, 6)`` float32 rows ``[image, class, cx, cy, w, h]``,
+    sides in ``sizes`` (fractions of the image), boxes inside the image."""
     rows = []
     for b in range(batch):
         for _ in range(per_image):
-            w, h = rng.uniform(0.1, 0.5, 2)
+            w, h = rng.uniform(*sizes, 2)
             rows.append([b, rng.integers(nc), rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2), w, h])
     return np.asarray(rows, np.float32)
 

@@ -132,16 +132,34 @@ def _train_step(model, x, targets):
     return (loss, comps), grads
 
 
-@pytest.mark.parametrize("name,nc", [("yolov8n", 3), ("yolov5n", 5), ("yolox-nano", 3)])
-def test_train_step_parity(oracles, rng, name, nc):
+# 448x512 with boxes up to 95% of the image for YOLOv8: at random init (DFL
+# boxes of 15 cells) the TAL assigner then gives every level foreground
+# anchors, so every parameter, the box branches of the coarse levels included,
+# has a gradient.  YOLOv5's objectness reaches every parameter at any size.
+# YOLOX's class branch and box outputs learn from foreground anchors only and
+# SimOTA picks ~1 per GT here, so some levels get none.  Small YOLOX images on
+# purpose: in its SPP max-pools, windows whose values all sit at SiLU's flat
+# minimum (-0.2785) are near-ties that float32 rounding decides, so the two
+# frameworks may route that gradient to different cells (seen at 448x512);
+# like torch.topk ties, the cases avoid them.
+STEP_CASES = [("yolov8n", 3, (448, 512)), ("yolov5n", 5, (96, 128)), ("yolox-nano", 3, (96, 128))]
+
+
+@pytest.mark.parametrize("name,nc,hw", STEP_CASES, ids=[c[0] for c in STEP_CASES])
+def test_train_step_parity(oracles, rng, name, nc, hw):
     up = upstream_model(name, nc)
     sd0 = {k: v.clone() for k, v in up.state_dict().items()}
-    b, hw = 2, (96, 128)
+    b = 2
     x = rng.random((b, *hw, 3), dtype=np.float32)
-    rows = random_rows(rng, batch=b, nc=nc)
+    rows = random_rows(rng, batch=b, nc=nc, per_image=4, sizes=(0.1, 0.95))
     targets = jaxyolo.Targets.from_rows(rows, batch_size=b, max_boxes=8)
     total, comps = _upstream_step(up, name, x, rows, targets, oracles)
     ref_grads = {k: p.grad.numpy() for k, p in up.named_parameters() if p.grad is not None}
+    zero = [k for k, g in ref_grads.items() if not np.any(g)]  # parameters without a gradient (see STEP_CASES)
+    if name == "yolox-nano":
+        assert all(k.startswith(("head.cls_convs.", "head.cls_preds.", "head.reg_preds.")) for k in zero), zero
+    else:
+        assert zero == []
 
     model = from_torch(sd0, name=name)
     model.train()
