@@ -9,6 +9,7 @@ S_w/16, C4), (B, S_h/32, S_w/32, C5)]``; ``backbone.out_channels`` is
 from __future__ import annotations
 
 import dataclasses
+
 from flax import nnx
 
 from jaxyolo.models.layers import C2f, SPPF, ConvBnAct, make_divisible, upsample2x
