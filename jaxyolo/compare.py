@@ -66,11 +66,26 @@ def read_images(directory, *, img_size: int, labels=None, max_images: int | None
         for i, p in enumerate(paths):
             f = Path(labels) / f"{p.stem}.txt"
             if f.is_file():
-                for line in f.read_text().splitlines():
-                    if line.strip():
-                        rows.append([i, *map(float, line.split()[:5])])
+                rows += [[i, *r] for r in _label_file(f)]
         rows = np.asarray(rows, np.float32).reshape(-1, 6)
     return np.stack(images), rows, paths
+
+
+def _label_file(path: Path) -> list[list[float]]:
+    """The ``[class, cx, cy, w, h]`` rows of one YOLO label file."""
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        vals = line.split()
+        if not vals:
+            continue
+        try:
+            row = [float(v) for v in vals[:5]]
+        except ValueError:
+            row = []
+        if len(row) != 5:
+            raise ValueError(f"{path}:{lineno}: expected 'class cx cy w h', got {line!r}")
+        out.append(row)
+    return out
 
 
 def _upstream_loss(module, family, x, raw, rows, targets, image_size):
@@ -114,7 +129,8 @@ def _upstream_loss(module, family, x, raw, rows, targets, image_size):
 
 def yolox_label_array(targets, image_size):
     """``Targets`` -> YOLOX's padded ``(B, M, 5)`` ``[class, cx, cy, w, h]`` pixels
-    (real rows first, as ``Targets`` keeps them; the same float32 product as ``yolox_loss``)."""
+    (upstream reads the first rows with a non-zero sum: the real rows must come
+    first, as ``Targets.from_rows`` puts them; the same float32 product as ``yolox_loss``)."""
     h, w = image_size
     boxes = np.asarray(targets.boxes, np.float32) * np.asarray([w, h, w, h], np.float32)
     mask = np.asarray(targets.mask)
@@ -180,10 +196,8 @@ def compare(weights, *, name: str | None = None, nc: int | None = None, images=N
 
     loss = None
     if rows is not None:
-        if rows.size and (rows[:, 1].min() < 0 or rows[:, 1].max() >= model.nc):
-            raise ValueError(f"labels have class ids outside [0, {model.nc})")
-        counts = np.bincount(rows[:, 0].astype(int), minlength=len(x)) if len(rows) else np.zeros(len(x), int)
-        targets = Targets.from_rows(rows, batch_size=len(x), max_boxes=max(int(counts.max()), 1))
+        counts = np.bincount(rows[:, 0].astype(int), minlength=len(x))
+        targets = Targets.from_rows(rows, batch_size=len(x), max_boxes=max(int(counts.max()), 1), nc=model.nc)
         up_total, up_parts = _upstream_loss(module, family, xt, raw, rows, targets, x.shape[1:3])
         jx_total, jx_parts = jax.device_get(_jax_loss(model, jax_preds, targets))
         jx_total, jx_parts = float(jx_total), {k: float(v) for k, v in jx_parts.items()}

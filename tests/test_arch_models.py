@@ -20,7 +20,7 @@ from jaxyolo.models import MODELS, YOLOV5S_ANCHORS, build_model, from_torch, loa
 from jaxyolo.models import ultralytics as ul
 from jaxyolo.models import yolov5 as v5
 from jaxyolo.models import yolox as yx
-from jaxyolo.models.convert import _constants, torch_key
+from jaxyolo.models.convert import _constants, _torch_shape, torch_key
 
 NAMES = (
     [f"yolov8{s}" for s in "nsmlx"] + [f"yolo11{s}" for s in "nsmlx"] + [f"yolov5{s}" for s in "nsmlx"]
@@ -81,7 +81,7 @@ def _our_shapes(name, nc):
     model = nnx.eval_shape(lambda: build_model(name, nc=nc))
     out = {}
     for path, v in nnx.to_flat_state(nnx.state(model)):
-        out[torch_key(path)] = tuple(np.empty(v.shape).transpose(3, 2, 0, 1).shape) if path[-1] == "kernel" else v.shape
+        out[torch_key(path)] = _torch_shape(path[-1], v.shape)
         if path[-1] == "mean":
             out[".".join(map(str, path[:-1])) + ".num_batches_tracked"] = ()
     out.update({k: c.shape for k, c in _constants(model).items()})

@@ -2,6 +2,7 @@
 
 import copy
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -88,10 +89,16 @@ def test_compare_labelled(checkpoints, labelled, capsys, ckpt, extra):
         np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-4, atol=1e-6)
 
 
-def test_compare_errors(checkpoints, labelled):
+def test_compare_errors(checkpoints, labelled, tmp_path):
     with pytest.raises(SystemExit, match="name is required"):
         main(["compare", "--weights", str(checkpoints / "yolox_nano.pth")])
     with pytest.raises(SystemExit, match="--labels needs --images"):
         main(["compare", "--weights", str(checkpoints / "yolov5n.pt"), "--labels", str(labelled / "labels")])
     with pytest.raises(SystemExit, match="no images"):
         main(["compare", "--weights", str(checkpoints / "yolov5n.pt"), "--images", str(labelled / "labels")])
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    shutil.copy(labelled / "images" / "0.png", tmp_path / "images" / "0.png")
+    (tmp_path / "labels" / "0.txt").write_text("1 0.5 0.5 0.2 0.2\n0 0.5 oops 0.1\n")
+    with pytest.raises(SystemExit, match=r"0\.txt:2: expected 'class cx cy w h', got '0 0\.5 oops 0\.1'"):
+        main(["compare", "--weights", str(checkpoints / "yolov5n.pt"), "--images", str(tmp_path / "images"), "--img-size", "64"])

@@ -57,6 +57,10 @@ def _to_torch_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(3, 2, 0, 1)) if leaf == "kernel" else arr
 
 
+def _torch_shape(leaf: str, shape) -> tuple:
+    return (shape[3], shape[2], shape[0], shape[1]) if leaf == "kernel" else tuple(shape)
+
+
 def _from_torch_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 3, 1, 0)) if leaf == "kernel" else arr
 
@@ -220,7 +224,7 @@ def from_torch(source, *, name: str | None = None, nc: int | None = None, dtype=
         if k in sd:
             arr = _from_torch_layout(path[-1], sd[k]) if sd[k].ndim == 4 else sd[k]
             if arr.shape != var.shape:
-                misshaped.append(f"{k} {tuple(sd[k].shape)} (expected {tuple(_to_torch_layout(path[-1], np.empty(var.shape)).shape)})")
+                misshaped.append(f"{k} {tuple(sd[k].shape)} (expected {_torch_shape(path[-1], var.shape)})")
             values[path] = arr.astype(np.float32)
     for k, want in constants.items():
         if k in sd and (sd[k].shape != want.shape or not np.allclose(sd[k], want)):

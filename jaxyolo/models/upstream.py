@@ -38,14 +38,13 @@ def torch():
     """
     import torch as _torch
 
-    if "torchvision" not in sys.modules or getattr(sys.modules["torchvision"], "__jaxyolo_shim__", False):
+    if "torchvision" not in sys.modules:  # neither imported nor the stand-in installed yet
         try:
             importlib.import_module("torchvision")
         except Exception as e:  # e.g. "operator torchvision::nms does not exist"
             from jaxyolo.testing import torchvision_shim
 
-            if not getattr(sys.modules.get("torchvision"), "__jaxyolo_shim__", False):
-                warnings.warn(f"torchvision cannot be imported ({e}); using jaxyolo's stand-in", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"torchvision cannot be imported ({e}); using jaxyolo's stand-in", RuntimeWarning, stacklevel=2)
             torchvision_shim.install()
     return _torch
 
@@ -121,7 +120,10 @@ def load_module(source, *, name: str | None = None, nc: int | None = None):
         raise ValueError(f"nc is required: no class count found in the {name} state_dict")
     module = build_upstream(name, nc=nc)
     t = torch()
-    module.load_state_dict({k: v if hasattr(v, "detach") else t.as_tensor(np.asarray(v)) for k, v in obj.items()}, strict=True)
+    try:
+        module.load_state_dict({k: v if hasattr(v, "detach") else t.as_tensor(np.asarray(v)) for k, v in obj.items()}, strict=True)
+    except RuntimeError as e:  # torch's missing / unexpected / size-mismatch report
+        raise ValueError(f"the state_dict does not load into upstream {name}: {e}") from None
     return module.eval(), name
 
 
