@@ -41,6 +41,8 @@ __all__ = [
     "Sequential",
     "Upsample",
     "YoloxDWConv",
+    "conv2d",
+    "make_divisible",
     "maxpool_same",
     "upsample2x",
 ]
