@@ -4,6 +4,8 @@
                   [--img-size S] [--batch B] [--out DIR] [--resume] [augmentation flags] ...
     jaxyolo eval --checkpoint RUN [--data ...]
     jaxyolo predict SOURCE --checkpoint RUN [--out DIR] [--conf 0.25] [--iou 0.7] [--save-txt]
+    jaxyolo convert FILE [--name N] --out DIR                 (PyTorch checkpoint -> jaxyolo weights)
+    jaxyolo compare --weights FILE [--name N] [--images DIR]  (upstream vs converted, the parity report)
 
 Defaults train the embedded shapes dataset with the YOLOv8 loss and print
 the val mAP@0.5 and mAP@0.5:0.95 of the EMA model at the end.  Every user
@@ -91,6 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--img-size", type=int, default=None, help="inference size, multiple of 32 (default: the run's training size)")
     r.add_argument("--batch", type=int, default=8, help="images per forward pass")
     r.add_argument("--save-txt", action="store_true", help="also write labels/<image>.txt: 'cls cx cy w h conf' normalised to the original image")
+
+    c = sub.add_parser("convert", help="convert an upstream PyTorch checkpoint to a jaxyolo weights folder", formatter_class=_Help)
+    c.add_argument("file", help="ultralytics / yolov5 .pt, or YOLOX .pth")
+    c.add_argument("--name", default=None, help="model name (yolov8n, yolo11s, yolov5m, yolox-nano, ...); inferred from .pt files when not given")
+    c.add_argument("--nc", type=int, default=None, help="number of classes (default: from the checkpoint)")
+    c.add_argument("--out", required=True, help="output folder (orbax arrays + model.json)")
+
+    k = sub.add_parser("compare", help="run an upstream PyTorch checkpoint and its conversion on the same images", formatter_class=_Help)
+    k.add_argument("--weights", required=True, help="ultralytics / yolov5 .pt, or YOLOX .pth")
+    k.add_argument("--name", default=None, help="model name; inferred from .pt files when not given")
+    k.add_argument("--nc", type=int, default=None, help="number of classes (default: from the checkpoint)")
+    k.add_argument("--images", default=None, help="folder of images (default: random images)")
+    k.add_argument("--labels", default=None, help="YOLO label folder, adds the loss and its components (default: labels/ next to images/)")
+    k.add_argument("--img-size", type=int, default=640, help="square image side, multiple of 32")
+    k.add_argument("--batch", type=int, default=2, help="number of random images")
+    k.add_argument("--max-images", type=int, default=16, help="images read from --images")
+    k.add_argument("--seed", type=int, default=0, help="random images")
+    k.add_argument("--tol", type=float, default=None, help="exit 1 if a relative difference exceeds this (default: report only)")
     return p
 
 
@@ -196,9 +216,21 @@ def _predict(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from jaxyolo.compare import convert_command
+
+    return convert_command(args)
+
+
+def _compare(args) -> int:
+    from jaxyolo.compare import compare_command
+
+    return compare_command(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return {"train": _train, "eval": _eval, "predict": _predict}[args.command](args)
+    return {"train": _train, "eval": _eval, "predict": _predict, "convert": _convert, "compare": _compare}[args.command](args)
 
 
 if __name__ == "__main__":

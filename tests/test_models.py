@@ -76,15 +76,15 @@ def test_yolox_bias_init_as_upstream(models):
 def test_yolov8_bias_init_as_upstream(models):
     head = models["yolov8"].head
     for box, cls, s in zip(head.cv2, head.cv3, (8, 16, 32)):
-        np.testing.assert_allclose(np.asarray(box.layers[-1].bias[...]), 2.0)
-        np.testing.assert_allclose(np.asarray(cls.layers[-1].bias[...]), math.log(5 / NC / (640 / s) ** 2), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(box[-1].bias[...]), 2.0)
+        np.testing.assert_allclose(np.asarray(cls[-1].bias[...]), math.log(5 / NC / (640 / s) ** 2), rtol=1e-6)
 
 
 def test_yolov8_head_channels_as_upstream():
     head = Yolov8Head((32, 64, 128), 6, reg_max=16, rngs=nnx.Rngs(0))
     # box branch max(16, 32 // 4, 64) = 64, class branch max(32, min(6, 100)) = 32
-    assert head.cv2[0].layers[0].conv.out_features == 64
-    assert head.cv3[0].layers[0].conv.out_features == 32
+    assert head.cv2[0][0].conv.out_features == 64
+    assert head.cv3[0][0].conv.out_features == 32
 
 
 def test_width_depth_multipliers():

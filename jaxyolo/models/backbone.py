@@ -9,11 +9,10 @@ S_w/16, C4), (B, S_h/32, S_w/32, C5)]``; ``backbone.out_channels`` is
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from flax import nnx
 
-from jaxyolo.models.layers import C2f, SPPF, ConvBnAct, upsample2x
+from jaxyolo.models.layers import C2f, SPPF, ConvBnAct, make_divisible, upsample2x
 
 __all__ = ["ModelSize", "MODEL_SIZES", "Backbone", "STRIDES"]
 
@@ -30,7 +29,7 @@ class ModelSize:
 
     def channels(self, c: int) -> int:
         """Scaled channel count, rounded up to a multiple of 8 (upstream ``make_divisible``)."""
-        return int(math.ceil(min(c, self.max_channels) * self.width / 8) * 8)
+        return make_divisible(min(c, self.max_channels) * self.width, 8)
 
     def repeats(self, n: int) -> int:
         return max(round(n * self.depth), 1)

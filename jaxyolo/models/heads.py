@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxyolo.boxes import dist2bbox, make_anchor_points
-from jaxyolo.models.layers import ConvBnAct, _torch_conv_init, torch_bias_init
+from jaxyolo.models.layers import ConvBnAct, Sequential, YoloxDWConv, conv2d
 
 __all__ = [
     "YOLOV5S_ANCHORS",
@@ -42,9 +42,9 @@ __all__ = [
 YOLOV5S_ANCHORS = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 198, 373, 326))
 
 
-def _pred_conv(c_in: int, c_out: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-    """A plain 1x1 conv with torch's default weight and bias init."""
-    return nnx.Conv(c_in, c_out, (1, 1), use_bias=True, kernel_init=_torch_conv_init, bias_init=torch_bias_init(c_in), rngs=rngs)
+def _pred_conv(c_in: int, c_out: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.Conv:
+    """A plain 1x1 conv with bias, torch's default weight and bias init."""
+    return conv2d(c_in, c_out, 1, bias=True, dtype=dtype, rngs=rngs)
 
 
 def _check_features(features, channels, name):
@@ -65,13 +65,17 @@ class Yolov5Head(nnx.Module):
       strides: pixels per cell of each level.
       prior_image_size: the image side of upstream's ``_initialize_biases``
         prior ("8 objects per 640 image"); upstream hard-codes 640.
+      dtype: computation dtype.
 
+    Parameter paths are upstream's ``Detect.m.<level>``; the anchors are
+    static (upstream's ``anchors`` buffer holds them divided by the strides).
     Bias init as upstream ``_initialize_biases(cf=None)``: on top of torch's
     default init, objectness ``+= log(8 / (640 / s)^2)`` and classes
     ``+= log(0.6 / (nc - 0.99999))``.
     """
 
-    def __init__(self, in_channels, nc: int, *, anchors=YOLOV5S_ANCHORS, strides=(8, 16, 32), prior_image_size: int = 640, rngs: nnx.Rngs):
+    def __init__(self, in_channels, nc: int, *, anchors=YOLOV5S_ANCHORS, strides=(8, 16, 32), prior_image_size: int = 640,
+                 dtype=None, rngs: nnx.Rngs):
         anchors = np.asarray(anchors, np.float32)
         anchors = anchors.reshape(anchors.shape[0], -1, 2)
         if anchors.shape[0] != len(in_channels) or len(strides) != len(in_channels):
@@ -82,7 +86,7 @@ class Yolov5Head(nnx.Module):
         self.anchors = tuple(map(tuple, anchors.reshape(anchors.shape[0], -1).tolist()))  # static, pixels
         self.strides = tuple(strides)
         self.in_channels = tuple(in_channels)
-        self.m = nnx.List([_pred_conv(c, self.na * self.no, rngs=rngs) for c in in_channels])
+        self.m = nnx.List([_pred_conv(c, self.na * self.no, dtype=dtype, rngs=rngs) for c in in_channels])
         for conv, s in zip(self.m, strides):
             b = conv.bias[...].reshape(self.na, self.no)
             b = b.at[:, 4].add(math.log(8 / (prior_image_size / s) ** 2))
@@ -104,29 +108,35 @@ class Yolov5Head(nnx.Module):
 
 
 class YoloxHead(nnx.Module):
-    """YOLOX decoupled head: per level a 1x1 stem, then two 3x3 convs for
-    classification and two for regression; ``reg`` (4) and ``obj`` (1) come
+    """YOLOX decoupled head (``YOLOXHead``): per level a 1x1 stem, then two 3x3
+    convs for classification and two for regression (YOLOX ``DWConv`` pairs
+    with ``depthwise=True``, as YOLOX-nano); ``reg`` (4) and ``obj`` (1) come
     from the regression branch, ``cls`` (nc) from the classification branch.
 
-    Output per level ``(B, H, W, 5 + nc)`` = ``[reg x, y, w, h, obj, cls...]``.
-    Bias init as YOLOX ``initialize_biases(prior_prob=1e-2)``: cls and obj
-    biases ``= -log((1 - p) / p)``.
+    Output per level ``(B, H, W, 5 + nc)`` = ``[reg x, y, w, h, obj, cls...]``
+    (upstream's training-mode ``output`` before decoding).  ``hidden`` is
+    upstream's ``int(256 * width)`` (= ``in_channels[0]`` for the YOLOX
+    necks).  Bias init as YOLOX ``initialize_biases(prior_prob=1e-2)``: cls
+    and obj biases ``= -log((1 - p) / p)``.
     """
 
-    def __init__(self, in_channels, nc: int, *, hidden: int | None = None, prior_prob: float = 1e-2, rngs: nnx.Rngs):
+    def __init__(self, in_channels, nc: int, *, hidden: int | None = None, depthwise: bool = False, prior_prob: float = 1e-2,
+                 dtype=None, rngs: nnx.Rngs):
         hidden = hidden or in_channels[0]
         self.nc = nc
         self.in_channels = tuple(in_channels)
-        self.stems = nnx.List([ConvBnAct(c, hidden, 1, rngs=rngs) for c in in_channels])
-        self.cls_convs = nnx.List(
-            [nnx.Sequential(ConvBnAct(hidden, hidden, 3, rngs=rngs), ConvBnAct(hidden, hidden, 3, rngs=rngs)) for _ in in_channels]
-        )
-        self.reg_convs = nnx.List(
-            [nnx.Sequential(ConvBnAct(hidden, hidden, 3, rngs=rngs), ConvBnAct(hidden, hidden, 3, rngs=rngs)) for _ in in_channels]
-        )
-        self.cls_preds = nnx.List([_pred_conv(hidden, nc, rngs=rngs) for _ in in_channels])
-        self.reg_preds = nnx.List([_pred_conv(hidden, 4, rngs=rngs) for _ in in_channels])
-        self.obj_preds = nnx.List([_pred_conv(hidden, 1, rngs=rngs) for _ in in_channels])
+
+        def conv3(c_in, c_out):
+            if depthwise:
+                return YoloxDWConv(c_in, c_out, 3, dtype=dtype, rngs=rngs)
+            return ConvBnAct(c_in, c_out, 3, dtype=dtype, rngs=rngs)
+
+        self.stems = nnx.List([ConvBnAct(c, hidden, 1, dtype=dtype, rngs=rngs) for c in in_channels])
+        self.cls_convs = nnx.List([Sequential([conv3(hidden, hidden), conv3(hidden, hidden)]) for _ in in_channels])
+        self.reg_convs = nnx.List([Sequential([conv3(hidden, hidden), conv3(hidden, hidden)]) for _ in in_channels])
+        self.cls_preds = nnx.List([_pred_conv(hidden, nc, dtype=dtype, rngs=rngs) for _ in in_channels])
+        self.reg_preds = nnx.List([_pred_conv(hidden, 4, dtype=dtype, rngs=rngs) for _ in in_channels])
+        self.obj_preds = nnx.List([_pred_conv(hidden, 1, dtype=dtype, rngs=rngs) for _ in in_channels])
         prior = -math.log((1 - prior_prob) / prior_prob)
         for conv in list(self.cls_preds) + list(self.obj_preds):
             conv.bias[...] = jnp.full_like(conv.bias[...], prior)
@@ -143,34 +153,55 @@ class YoloxHead(nnx.Module):
 
 
 class Yolov8Head(nnx.Module):
-    """YOLOv8 decoupled DFL head (ultralytics ``Detect``, the v8 layout of
-    ``cv2``/``cv3``: two 3x3 ConvBnAct then a 1x1 conv per branch).
+    """The decoupled DFL head of YOLOv8 / YOLO11 (ultralytics ``Detect``).
+
+    ``cv2`` (box) per level: two 3x3 ``Conv`` then a 1x1 conv to
+    ``4 reg_max``.  ``cv3`` (class): with ``legacy=True`` (YOLOv8, and
+    upstream's choice for every yaml without C3k2) two 3x3 ``Conv`` then a
+    1x1 conv to ``nc``; with ``legacy=False`` (YOLO11) two (depthwise 3x3
+    ``DWConv``, 1x1 ``Conv``) pairs then the 1x1 conv.
 
     Output per level ``(B, H, W, 4 reg_max + nc)``: DFL logits (ltrb-major,
-    ``reg_max`` bins each) then class logits.  Channels as upstream:
+    ``reg_max`` bins each) then class logits (upstream's training-mode
+    ``boxes``/``scores``).  Channels as upstream:
     box branch ``max(16, C_0 // 4, 4 reg_max)``, class branch
     ``max(C_0, min(nc, 100))``.  Bias init as ultralytics 8.4.190
     ``Detect.bias_init``: box biases ``= 2.0``, class biases
-    ``= log(5 / nc / (640 / s)^2)``.
+    ``= log(5 / nc / (640 / s)^2)``.  Upstream's ``dfl`` (a fixed
+    ``arange(reg_max)`` 1x1 conv) is the expectation in :func:`decode_yolov8`.
     """
 
-    def __init__(self, in_channels, nc: int, *, reg_max: int = 16, strides=(8, 16, 32), prior_image_size: int = 640, rngs: nnx.Rngs):
+    def __init__(self, in_channels, nc: int, *, reg_max: int = 16, strides=(8, 16, 32), legacy: bool = True,
+                 prior_image_size: int = 640, dtype=None, rngs: nnx.Rngs):
         if len(strides) != len(in_channels):
             raise ValueError(f"strides {tuple(strides)} and in_channels {tuple(in_channels)} must have one entry per level")
-        self.nc, self.reg_max = nc, reg_max
+        self.nc, self.reg_max, self.legacy = nc, reg_max, legacy
         self.in_channels = tuple(in_channels)
         self.strides = tuple(strides)
         c2 = max(16, in_channels[0] // 4, reg_max * 4)
         c3 = max(in_channels[0], min(nc, 100))
+
+        def conv(c_in, c_out, k=3, groups=1):
+            return ConvBnAct(c_in, c_out, k, groups=groups, dtype=dtype, rngs=rngs)
+
         self.cv2 = nnx.List(
-            [nnx.Sequential(ConvBnAct(c, c2, 3, rngs=rngs), ConvBnAct(c2, c2, 3, rngs=rngs), _pred_conv(c2, 4 * reg_max, rngs=rngs)) for c in in_channels]
+            [Sequential([conv(c, c2), conv(c2, c2), _pred_conv(c2, 4 * reg_max, dtype=dtype, rngs=rngs)]) for c in in_channels]
         )
-        self.cv3 = nnx.List(
-            [nnx.Sequential(ConvBnAct(c, c3, 3, rngs=rngs), ConvBnAct(c3, c3, 3, rngs=rngs), _pred_conv(c3, nc, rngs=rngs)) for c in in_channels]
-        )
+        if legacy:
+            cls = [Sequential([conv(c, c3), conv(c3, c3), _pred_conv(c3, nc, dtype=dtype, rngs=rngs)]) for c in in_channels]
+        else:
+            cls = [
+                Sequential([
+                    Sequential([conv(c, c, 3, groups=c), conv(c, c3, 1)]),
+                    Sequential([conv(c3, c3, 3, groups=c3), conv(c3, c3, 1)]),
+                    _pred_conv(c3, nc, dtype=dtype, rngs=rngs),
+                ])
+                for c in in_channels
+            ]
+        self.cv3 = nnx.List(cls)
         for box, cls, s in zip(self.cv2, self.cv3, strides):
-            box.layers[-1].bias[...] = jnp.full_like(box.layers[-1].bias[...], 2.0)
-            cls.layers[-1].bias[...] = jnp.full_like(cls.layers[-1].bias[...], math.log(5 / nc / (prior_image_size / s) ** 2))
+            box[-1].bias[...] = jnp.full_like(box[-1].bias[...], 2.0)
+            cls[-1].bias[...] = jnp.full_like(cls[-1].bias[...], math.log(5 / nc / (prior_image_size / s) ** 2))
 
     def __call__(self, features):
         _check_features(features, self.in_channels, "Yolov8Head")

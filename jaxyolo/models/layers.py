@@ -1,59 +1,152 @@
-"""Building blocks in NHWC: Conv-BN-SiLU, bottlenecks, C2f, SPPF, upsampling.
+"""Building blocks in NHWC, layer for layer as ultralytics / yolov5 define them.
 
-Every block maps ``(B, H, W, C_in)`` to ``(B, H', W', C_out)``.  BatchNorm uses
-the YOLO settings (``eps=1e-3``, torch momentum 0.03 = flax momentum 0.97);
-train/eval is switched on the whole model with ``model.train()`` /
-``model.eval()`` (running statistics are updated only in train mode).
+Every block maps ``(B, H, W, C_in)`` to ``(B, H', W', C_out)``.  Attribute
+names are upstream's (``cv1``, ``m``, ``conv``, ``bn`` ...), so a parameter's
+path is its PyTorch ``state_dict`` key with flax leaf names (see
+:mod:`jaxyolo.models.convert`).  Convolutions pad like torch
+(``padding=((p, p), (p, p))``, never "SAME", which differs at stride 2).
+
+BatchNorm is :class:`BatchNorm`, torch's ``BatchNorm2d`` semantics with the
+YOLO settings (``eps=1e-3``, torch momentum 0.03; ultralytics, yolov5 and
+YOLOX all set these in ``initialize_weights`` / ``init_yolo``).  Train/eval is
+switched on the whole model with ``model.train()`` / ``model.eval()``.
+
+``dtype`` is the computation dtype (e.g. ``jnp.bfloat16``); parameters and
+BatchNorm statistics stay float32 and BatchNorm normalises in float32.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["ConvBnAct", "Bottleneck", "C2f", "SPPF", "upsample2x", "BN_MOMENTUM", "BN_EPS"]
+__all__ = [
+    "BN_EPS",
+    "BN_MOMENTUM",
+    "Attention",
+    "BatchNorm",
+    "Bottleneck",
+    "C2PSA",
+    "C2f",
+    "C3",
+    "C3k2",
+    "Concat",
+    "ConvBnAct",
+    "PSABlock",
+    "SPPF",
+    "Sequential",
+    "Upsample",
+    "YoloxDWConv",
+    "conv2d",
+    "make_divisible",
+    "maxpool_same",
+    "upsample2x",
+]
 
-BN_MOMENTUM = 0.97  # torch momentum 0.03
+BN_MOMENTUM = 0.03  # torch convention: running = (1 - m) * running + m * batch
 BN_EPS = 1e-3
+
 
 def _host_rng(key) -> np.random.Generator:
     return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
 
-def _torch_conv_init(key, shape, dtype=jnp.float32):
-    """torch's default Conv2d weight init (kaiming_uniform, a=sqrt(5)), which
-    YOLO keeps: ``U(-b, b)`` with ``b = 1 / sqrt(fan_in)``; ``shape`` is flax's
-    ``(kh, kw, C_in / groups, C_out)``.
-
-    Drawn with numpy from the flax key: jax.random would compile one XLA
-    kernel per parameter shape (tens of seconds on a CPU for one model).
-    """
-    fan_in = int(np.prod(shape[:-1]))
-    bound = 1.0 / np.sqrt(max(fan_in, 1))
+def _uniform(key, bound: float, shape, dtype):
+    """``U(-bound, bound)`` drawn with numpy from the flax key (jax.random would
+    compile one XLA kernel per parameter shape: tens of seconds on a CPU for
+    one model); under abstract evaluation (``nnx.eval_shape``, jit) with
+    ``jax.random`` instead."""
+    if isinstance(key, jax.core.Tracer):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
     return jnp.asarray(_host_rng(key).uniform(-bound, bound, shape), dtype)
 
 
+def _torch_conv_init(key, shape, dtype=jnp.float32):
+    """torch's default Conv2d weight init (kaiming_uniform, a=sqrt(5)), which
+    YOLO keeps: ``U(-b, b)`` with ``b = 1 / sqrt(fan_in)``; ``shape`` is flax's
+    ``(kh, kw, C_in / groups, C_out)``."""
+    return _uniform(key, 1.0 / np.sqrt(max(int(np.prod(shape[:-1])), 1)), shape, dtype)
+
+
 def torch_bias_init(fan_in: int):
-    """torch's default Conv2d bias init: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (numpy-drawn)."""
-    bound = 1.0 / max(fan_in, 1) ** 0.5
+    """torch's default Conv2d bias init: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
 
     def init(key, shape, dtype=jnp.float32):
-        return jnp.asarray(_host_rng(key).uniform(-bound, bound, shape), dtype)
+        return _uniform(key, 1.0 / max(fan_in, 1) ** 0.5, shape, dtype)
 
     return init
 
 
-class ConvBnAct(nnx.Module):
-    """``k x k`` conv (no bias, 'same' padding, optional depthwise) + BatchNorm + SiLU."""
+def conv2d(c_in: int, c_out: int, k: int = 1, s: int = 1, p: int | None = None, *, groups: int = 1, bias: bool = False,
+           dtype=None, rngs: nnx.Rngs) -> nnx.Conv:
+    """``torch.nn.Conv2d(c_in, c_out, k, s, p, groups=groups, bias=bias)`` with torch's
+    default init; ``p`` defaults to ``k // 2`` (upstream ``autopad``)."""
+    p = k // 2 if p is None else p
+    return nnx.Conv(
+        c_in, c_out, (k, k), strides=(s, s), padding=((p, p), (p, p)), feature_group_count=groups, use_bias=bias,
+        kernel_init=_torch_conv_init, bias_init=torch_bias_init(c_in // groups * k * k), dtype=dtype, rngs=rngs,
+    )
 
-    def __init__(self, c_in: int, c_out: int, k: int = 1, s: int = 1, *, groups: int = 1, act: bool = True, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(
-            c_in, c_out, (k, k), strides=(s, s), padding=[(k // 2, k // 2)] * 2, feature_group_count=groups,
-            use_bias=False, kernel_init=_torch_conv_init, rngs=rngs,
-        )
-        self.bn = nnx.BatchNorm(c_out, momentum=BN_MOMENTUM, epsilon=BN_EPS, rngs=rngs)
+
+class Sequential(nnx.List):
+    """``torch.nn.Sequential``: children indexed ``0, 1, ...`` (as in the
+    ``state_dict`` keys), called in order."""
+
+    def __call__(self, x):
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+class BatchNorm(nnx.Module):
+    """``torch.nn.BatchNorm2d`` over the last axis.
+
+    Train mode (``use_running_average=False``, the default as in torch)
+    normalises with the batch mean and *biased* variance (two-pass) and moves
+    the running statistics by ``momentum`` toward the batch mean and the
+    *unbiased* variance, as torch does; eval mode uses the running statistics.
+    Statistics and parameters are float32; the output has ``dtype`` (default:
+    the input's).
+    """
+
+    def __init__(self, c: int, *, momentum: float = BN_MOMENTUM, eps: float = BN_EPS, dtype=None,
+                 use_running_average: bool = False):
+        self.scale = nnx.Param(jnp.ones((c,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((c,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((c,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((c,), jnp.float32))
+        self.momentum, self.epsilon, self.dtype = momentum, eps, dtype
+        self.use_running_average = use_running_average
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            n = x.size // x.shape[-1]
+            m = self.momentum
+            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
+        y = (xf - mean) * (self.scale[...] * jax.lax.rsqrt(var + self.epsilon)) + self.bias[...]
+        return y.astype(self.dtype or x.dtype)
+
+
+class ConvBnAct(nnx.Module):
+    """Upstream ``Conv`` (ultralytics/yolov5) = YOLOX ``BaseConv``: ``k x k``
+    conv (no bias, padding ``p``, default ``k // 2``; ``groups``) + BatchNorm +
+    SiLU (``act=False``: identity)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 1, s: int = 1, *, p: int | None = None, groups: int = 1,
+                 act: bool = True, dtype=None, rngs: nnx.Rngs):
+        self.conv = conv2d(c_in, c_out, k, s, p, groups=groups, dtype=dtype, rngs=rngs)
+        self.bn = BatchNorm(c_out, dtype=dtype)
         self.act = act
 
     def __call__(self, x):
@@ -62,12 +155,15 @@ class ConvBnAct(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-    """Two 3x3 ConvBnAct with an optional residual (C2f's inner block, e=1)."""
+    """Upstream ``Bottleneck(c1, c2, shortcut, g, k, e)``: ``cv1`` ``k[0] x k[0]``
+    to ``int(c2 e)`` channels, ``cv2`` ``k[1] x k[1]`` to ``c2``, residual when
+    ``shortcut and c1 == c2``.  yolov5's Bottleneck is ``k=(1, 3)``."""
 
-    def __init__(self, c: int, *, shortcut: bool = True, rngs: nnx.Rngs):
-        self.cv1 = ConvBnAct(c, c, 3, rngs=rngs)
-        self.cv2 = ConvBnAct(c, c, 3, rngs=rngs)
-        self.add = shortcut
+    def __init__(self, c1: int, c2: int, *, shortcut: bool = True, k=(3, 3), e: float = 0.5, dtype=None, rngs: nnx.Rngs):
+        c_ = int(c2 * e)
+        self.cv1 = ConvBnAct(c1, c_, k[0], dtype=dtype, rngs=rngs)
+        self.cv2 = ConvBnAct(c_, c2, k[1], dtype=dtype, rngs=rngs)
+        self.add = shortcut and c1 == c2
 
     def __call__(self, x):
         y = self.cv2(self.cv1(x))
@@ -75,18 +171,19 @@ class Bottleneck(nnx.Module):
 
 
 class C2f(nnx.Module):
-    """CSP bottleneck with two convolutions (the YOLOv8 C2f layout).
+    """CSP bottleneck with two convolutions (ultralytics ``C2f``).
 
     ``cv1`` expands to ``2c`` channels split in two halves; ``n`` bottlenecks
-    chain on the second half and every intermediate is concatenated before
-    the ``cv2`` 1x1 fusion to ``c_out``.
+    (3x3, 3x3, ``e=1``) chain on the second half and every intermediate is
+    concatenated before the ``cv2`` 1x1 fusion to ``c_out``.
     """
 
-    def __init__(self, c_in: int, c_out: int, n: int = 1, *, shortcut: bool = False, e: float = 0.5, rngs: nnx.Rngs):
+    def __init__(self, c_in: int, c_out: int, n: int = 1, *, shortcut: bool = False, e: float = 0.5, dtype=None,
+                 rngs: nnx.Rngs):
         self.c = max(int(c_out * e), 1)
-        self.cv1 = ConvBnAct(c_in, 2 * self.c, 1, rngs=rngs)
-        self.cv2 = ConvBnAct((2 + n) * self.c, c_out, 1, rngs=rngs)
-        self.m = nnx.List([Bottleneck(self.c, shortcut=shortcut, rngs=rngs) for _ in range(n)])
+        self.cv1 = ConvBnAct(c_in, 2 * self.c, 1, dtype=dtype, rngs=rngs)
+        self.cv2 = ConvBnAct((2 + n) * self.c, c_out, 1, dtype=dtype, rngs=rngs)
+        self.m = nnx.List([Bottleneck(self.c, self.c, shortcut=shortcut, e=1.0, dtype=dtype, rngs=rngs) for _ in range(n)])
 
     def __call__(self, x):
         y = self.cv1(x)
@@ -96,7 +193,104 @@ class C2f(nnx.Module):
         return self.cv2(jnp.concatenate(ys, axis=-1))
 
 
-def _maxpool_same(x, k: int):
+class C3(nnx.Module):
+    """CSP bottleneck with three convolutions (yolov5 / ultralytics ``C3``):
+    ``cv3(cat(m(cv1(x)), cv2(x)))`` with ``n`` ``Bottleneck(k=bottleneck_k, e=1)``.
+    ultralytics' ``C3k`` is this with ``bottleneck_k=(3, 3)``."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, *, shortcut: bool = True, e: float = 0.5, bottleneck_k=(1, 3),
+                 dtype=None, rngs: nnx.Rngs):
+        c_ = int(c2 * e)
+        self.cv1 = ConvBnAct(c1, c_, 1, dtype=dtype, rngs=rngs)
+        self.cv2 = ConvBnAct(c1, c_, 1, dtype=dtype, rngs=rngs)
+        self.cv3 = ConvBnAct(2 * c_, c2, 1, dtype=dtype, rngs=rngs)
+        self.m = Sequential(
+            [Bottleneck(c_, c_, shortcut=shortcut, k=bottleneck_k, e=1.0, dtype=dtype, rngs=rngs) for _ in range(n)]
+        )
+
+    def __call__(self, x):
+        return self.cv3(jnp.concatenate([self.m(self.cv1(x)), self.cv2(x)], axis=-1))
+
+
+class C3k2(C2f):
+    """ultralytics ``C3k2(c1, c2, n, c3k, e, shortcut=True)``: a C2f whose
+    blocks are ``C3k(c, c, 2)`` (``c3k=True``) or ``Bottleneck(c, c)`` (3x3,
+    3x3, ``e=0.5``)."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, *, c3k: bool = False, e: float = 0.5, shortcut: bool = True,
+                 dtype=None, rngs: nnx.Rngs):
+        super().__init__(c1, c2, n, shortcut=shortcut, e=e, dtype=dtype, rngs=rngs)
+        c = self.c
+        self.m = nnx.List([
+            C3(c, c, 2, shortcut=shortcut, bottleneck_k=(3, 3), dtype=dtype, rngs=rngs) if c3k
+            else Bottleneck(c, c, shortcut=shortcut, dtype=dtype, rngs=rngs)
+            for _ in range(n)
+        ])
+
+
+class Attention(nnx.Module):
+    """ultralytics ``Attention(dim, num_heads, attn_ratio)``: multi-head
+    self-attention over the ``H W`` positions with a depthwise 3x3 positional
+    encoding of ``v``.  ``qkv`` channels are per head ``[q (key_dim), k
+    (key_dim), v (head_dim)]``, head-major, as upstream's ``view``/``split``."""
+
+    def __init__(self, dim: int, num_heads: int = 8, attn_ratio: float = 0.5, *, dtype=None, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.key_dim = int(self.head_dim * attn_ratio)
+        self.scale = self.key_dim ** -0.5
+        h = dim + self.key_dim * num_heads * 2
+        self.qkv = ConvBnAct(dim, h, 1, act=False, dtype=dtype, rngs=rngs)
+        self.proj = ConvBnAct(dim, dim, 1, act=False, dtype=dtype, rngs=rngs)
+        self.pe = ConvBnAct(dim, dim, 3, groups=dim, act=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, self.num_heads, 2 * self.key_dim + self.head_dim)
+        q, k, v = jnp.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)  # (B, N, heads, d)
+        logits = jnp.einsum("bihd,bjhd->bhij", q * self.scale, k)
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhij,bjhd->bihd", attn, v).reshape(b, h, w, c)
+        return self.proj(out + self.pe(v.reshape(b, h, w, c)))
+
+
+class PSABlock(nnx.Module):
+    """ultralytics ``PSABlock``: ``x + attn(x)`` then ``x + ffn(x)`` (1x1 to
+    ``2c`` with SiLU, 1x1 back without)."""
+
+    def __init__(self, c: int, attn_ratio: float = 0.5, num_heads: int = 4, *, shortcut: bool = True, dtype=None,
+                 rngs: nnx.Rngs):
+        self.attn = Attention(c, num_heads, attn_ratio, dtype=dtype, rngs=rngs)
+        self.ffn = Sequential([ConvBnAct(c, 2 * c, 1, dtype=dtype, rngs=rngs),
+                               ConvBnAct(2 * c, c, 1, act=False, dtype=dtype, rngs=rngs)])
+        self.add = shortcut
+
+    def __call__(self, x):
+        x = x + self.attn(x) if self.add else self.attn(x)
+        return x + self.ffn(x) if self.add else self.ffn(x)
+
+
+class C2PSA(nnx.Module):
+    """ultralytics ``C2PSA(c1, c2, n, e)``: split ``cv1(x)`` in halves, ``n``
+    PSA blocks (``max(c // 64, 1)`` heads) on the second, ``cv2`` fuses."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, *, e: float = 0.5, dtype=None, rngs: nnx.Rngs):
+        if c1 != c2:
+            raise ValueError(f"C2PSA needs c1 == c2, got {c1} and {c2}")
+        self.c = int(c1 * e)
+        self.cv1 = ConvBnAct(c1, 2 * self.c, 1, dtype=dtype, rngs=rngs)
+        self.cv2 = ConvBnAct(2 * self.c, c1, 1, dtype=dtype, rngs=rngs)
+        self.m = Sequential(
+            [PSABlock(self.c, 0.5, max(self.c // 64, 1), dtype=dtype, rngs=rngs) for _ in range(n)]
+        )
+
+    def __call__(self, x):
+        y = self.cv1(x)
+        return self.cv2(jnp.concatenate([y[..., : self.c], self.m(y[..., self.c :])], axis=-1))
+
+
+def maxpool_same(x, k: int):
+    """``torch.nn.MaxPool2d(k, stride=1, padding=k // 2)`` on ``(B, H, W, C)``."""
     pad = k // 2
     return jax.lax.reduce_window(
         x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), [(0, 0), (pad, pad), (pad, pad), (0, 0)]
@@ -104,21 +298,55 @@ def _maxpool_same(x, k: int):
 
 
 class SPPF(nnx.Module):
-    """Spatial pyramid pooling - fast: three chained ``k x k`` max-pools (= SPP(5, 9, 13))."""
+    """Spatial pyramid pooling - fast: three chained ``k x k`` max-pools (= SPP(5, 9, 13)).
 
-    def __init__(self, c_in: int, c_out: int, k: int = 5, *, rngs: nnx.Rngs):
+    ``cv1`` has the SiLU, as yolov5 and ultralytics' detection yamls build it.
+    """
+
+    def __init__(self, c_in: int, c_out: int, k: int = 5, *, dtype=None, rngs: nnx.Rngs):
         c_ = c_in // 2
-        self.cv1 = ConvBnAct(c_in, c_, 1, rngs=rngs)
-        self.cv2 = ConvBnAct(c_ * 4, c_out, 1, rngs=rngs)
+        self.cv1 = ConvBnAct(c_in, c_, 1, dtype=dtype, rngs=rngs)
+        self.cv2 = ConvBnAct(c_ * 4, c_out, 1, dtype=dtype, rngs=rngs)
         self.k = k
 
     def __call__(self, x):
         ys = [self.cv1(x)]
         for _ in range(3):
-            ys.append(_maxpool_same(ys[-1], self.k))
+            ys.append(maxpool_same(ys[-1], self.k))
         return self.cv2(jnp.concatenate(ys, axis=-1))
+
+
+class YoloxDWConv(nnx.Module):
+    """YOLOX ``DWConv``: depthwise ``k x k`` ``BaseConv`` (``dconv``) then a
+    pointwise ``BaseConv`` (``pconv``)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, s: int = 1, *, dtype=None, rngs: nnx.Rngs):
+        self.dconv = ConvBnAct(c_in, c_in, k, s, groups=c_in, dtype=dtype, rngs=rngs)
+        self.pconv = ConvBnAct(c_in, c_out, 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.pconv(self.dconv(x))
 
 
 def upsample2x(x):
     """Nearest-neighbour 2x upsampling of ``(B, H, W, C)``."""
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Upsample(nnx.Module):
+    """``nn.Upsample(None, 2, "nearest")``."""
+
+    def __call__(self, x):
+        return upsample2x(x)
+
+
+class Concat(nnx.Module):
+    """upstream ``Concat(1)``: channel concatenation of a list of inputs."""
+
+    def __call__(self, xs):
+        return jnp.concatenate(xs, axis=-1)
+
+
+def make_divisible(x: float, divisor: int = 8) -> int:
+    """Upstream ``make_divisible``: ``ceil(x / divisor) * divisor``."""
+    return int(math.ceil(x / divisor) * divisor)

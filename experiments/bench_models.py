@@ -1,0 +1,169 @@
+"""Whole-model training-step benchmark: jaxyolo vs upstream PyTorch, same weights and inputs.
+
+    python experiments/bench_models.py                       # yolov8n, yolo11n, yolov5n, yolox-nano; B=16, 640x640
+    python experiments/bench_models.py --models yolov8n --batch 4 --img 320 --repeats 3
+
+For each model, one forward + backward of the model *with its matching loss*
+(train-mode BatchNorm), timed on both sides:
+
+* jaxyolo: ``jax.jit(jax.value_and_grad(loss))`` over the parameters (BatchNorm
+  statistics updated as in training), inputs already on the default JAX
+  backend (CPU, GPU or TPU), median of ``--repeats`` calls after a warm call;
+  ``compile s`` is the first call minus a warm one.
+* upstream: the upstream model built by upstream's code, its own loss
+  (ultralytics ``DetectionModel.loss`` = ``v8DetectionLoss``, yolov5
+  ``ComputeLoss``, YOLOX ``get_losses`` through ``YOLOX.forward``) and
+  ``backward()``; on CUDA when ``torch.cuda.is_available()``, else on the CPU
+  with all cores; ``.grad`` cleared outside the timed region.
+
+Both sides get the same weights (``from_torch`` of the upstream model), the
+same images (jaxyolo ``[0, 1]`` RGB; YOLOX upstream its 0-255 BGR) and the same
+targets; the script prints both losses as a same-inputs check.  float32 on
+both sides with each framework's default matmul/conv precision (on NVIDIA
+GPUs both use TF32 for convolutions by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import median_ms, random_targets, time_jitted  # noqa: E402
+
+MODELS = ("yolov8n", "yolo11n", "yolov5n", "yolox-nano")
+
+
+def jax_step(model):
+    """``(step, params, stats)``: a jitted ``value_and_grad`` of the model's loss."""
+    import jax
+    from flax import nnx
+
+    from jaxyolo.models import model_loss
+
+    model.train()
+    graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+    def loss_fn(p, s, images, targets):
+        m = nnx.merge(graph, p, jax.tree.map(lambda a: a, s))  # fresh Variables: BatchNorm writes its statistics
+        total, _ = model_loss(m, m(images), targets)
+        return total, nnx.state(m, nnx.BatchStat)
+
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True)), params, stats
+
+
+def torch_step(module, name, images, targets, rows, device):
+    """A closure running the upstream forward + loss + backward; returns the loss."""
+    import jaxyolo
+    from jaxyolo.compare import yolox_label_array
+    from jaxyolo.models import MODELS as SPECS
+    from jaxyolo.models import upstream
+
+    t = upstream.torch()
+    family = SPECS[name].family
+    x = upstream.torch_images(images, family).to(device)
+    module.train().to(device)
+    rows_t = t.from_numpy(rows).to(device)
+    sync = t.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if family == "ultralytics":
+        from ultralytics.cfg import get_cfg
+
+        module.args = get_cfg()
+        batch = {"batch_idx": rows_t[:, 0], "cls": rows_t[:, 1:2], "bboxes": rows_t[:, 2:]}
+
+        def loss():
+            return module.loss(batch, module(x))[0].sum()
+    elif family == "yolov5":
+        from yolov5.utils.loss import ComputeLoss
+
+        module.hyp = jaxyolo.Yolov5LossConfig().hyp()
+        crit = ComputeLoss(module)
+
+        def loss():
+            return crit(module(x), rows_t)[0].sum()
+    else:
+        labels = t.from_numpy(yolox_label_array(targets, images.shape[1:3])).to(device)
+
+        def loss():
+            return module(x, labels)["total_loss"]
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        value = loss()
+        value.backward()
+        sync()
+        return float(value.detach())
+
+    return step
+
+
+def bench_one(name, *, batch, img, nc, max_gt, repeats, seed, device):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxyolo.models import from_torch, upstream
+
+    rng = np.random.default_rng(seed)
+    images = rng.random((batch, img, img, 3), dtype=np.float32)
+    targets = random_targets(rng, batch=batch, nc=nc, max_gt=max_gt, min_size=0.02)
+    rows = targets.to_rows().astype(np.float32)
+
+    module = upstream.build_upstream(name, nc=nc)
+    model = from_torch(module.state_dict(), name=name)  # the same weights, before any training-mode forward
+    step, params, stats = jax_step(model)
+    x = jax.device_put(jnp.asarray(images))
+    out, jax_ms, compile_s = time_jitted(step, params, stats, x, targets, repeats=repeats)
+    jax_loss = float(out[0][0])
+    del out
+
+    tstep = torch_step(module, name, images, targets, rows, device)
+    torch_loss = tstep()  # warm-up (and the loss from the same starting weights)
+    torch_ms = median_ms(tstep, repeats)
+    return dict(name=name, jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms, compile_s=compile_s,
+                jax_loss=jax_loss, torch_loss=torch_loss, boxes=int(np.asarray(targets.mask).sum()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--img", type=int, default=640)
+    p.add_argument("--nc", type=int, default=80)
+    p.add_argument("--max-gt", type=int, default=32, help="0..max-gt boxes per image")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import jax
+
+    from jaxyolo.models import upstream
+
+    t = upstream.torch()
+    device = t.device("cuda" if t.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        t.set_num_threads(os.cpu_count() or 1)
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
+          f"torch {t.__version__} on {device} ({t.get_num_threads()} threads); "
+          f"B={args.batch}, {args.img}x{args.img}, nc={args.nc}, median of {args.repeats}", flush=True)
+    rows = []
+    for name in args.models.split(","):
+        t0 = time.perf_counter()
+        r = bench_one(name, batch=args.batch, img=args.img, nc=args.nc, max_gt=args.max_gt, repeats=args.repeats,
+                      seed=args.seed, device=device)
+        rows.append(r)
+        print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print()
+    print("| model | jaxyolo ms | upstream ms | speed-up | compile s | loss jaxyolo | loss upstream | boxes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['name']} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | {r['ratio']:.2f}x | {r['compile_s']:.1f} | "
+              f"{r['jax_loss']:.6g} | {r['torch_loss']:.6g} | {r['boxes']} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The upstream architectures against the upstream PyTorch models (issue 13).
+
+Every upstream model is built by upstream's own code (ultralytics
+``DetectionModel``, yolov5 ``Model``, YOLOX ``Exp.get_model``), randomly
+initialised, with random BatchNorm statistics; nothing is downloaded.
+
+* eval-mode forward parity of the raw per-level outputs, two sizes per
+  family, non-square inputs, odd class counts (rtol 1e-4 / atol 1e-4);
+* round trip: ``to_torch_state_dict(from_torch(sd))`` is ``sd`` bit for bit,
+  loads strictly and reproduces the outputs;
+* one training step (train-mode BatchNorm) from the same weights and batch:
+  loss (rel 1e-4) and every parameter gradient (rel 1e-3, with an absolute
+  floor of 1e-3 x the tensor's largest gradient) against upstream's own loss
+  (``DetectionModel.loss`` = ``v8DetectionLoss``, yolov5 ``ComputeLoss``,
+  YOLOX ``get_losses`` through ``YOLOX.forward``), and the BatchNorm running
+  statistics after the step.
+"""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _arch_cases import compiled, random_rows, upstream_model, upstream_nhwc
+from flax import nnx
+
+import jaxyolo
+from jaxyolo.models import from_torch, to_torch_state_dict
+from jaxyolo.models.convert import to_torch_arrays
+from jaxyolo.models.layers import BN_EPS, BN_MOMENTUM
+from jaxyolo.models.registry import model_loss
+
+# (name, nc, (H, W)): two sizes per family, odd class counts, non-square inputs.
+FORWARD_CASES = [
+    ("yolov8n", 3, (256, 320)),
+    ("yolov8s", 5, (64, 96)),
+    ("yolo11n", 7, (256, 320)),
+    ("yolo11s", 1, (64, 96)),
+    ("yolov5n", 3, (256, 320)),
+    ("yolov5s", 5, (64, 96)),
+    ("yolox-nano", 7, (256, 320)),
+    ("yolox-s", 3, (64, 96)),
+]
+
+
+def _forward(model, x):
+    graph, state = nnx.split(model)
+    return compiled(lambda s, im: nnx.merge(graph, s)(im), state, x)(state, x)
+
+
+@pytest.mark.parametrize("name,nc,hw", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_forward_parity_and_round_trip(oracles, rng, name, nc, hw):
+    t = oracles.torch()
+    up = upstream_model(name, nc)
+    bns = [m for m in up.modules() if isinstance(m, t.nn.BatchNorm2d)]
+    assert bns and all(m.eps == BN_EPS and m.momentum == BN_MOMENTUM for m in bns)  # upstream's YOLO settings
+    x = rng.random((2, *hw, 3), dtype=np.float32)
+    ref = upstream_nhwc(up, name, x)
+
+    model = from_torch(up.state_dict(), name=name)
+    assert (model.name, model.nc) == (name, nc)
+    model.eval()
+    out = _forward(model, jnp.asarray(x))
+    assert len(out) == len(ref) == 3
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape and o.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(o), r, rtol=1e-4, atol=1e-4)
+
+    # round trip: the same tensors, accepted strictly, the same outputs
+    sd = to_torch_state_dict(model)
+    orig = up.state_dict()
+    assert sd.keys() == orig.keys()
+    for k, v in orig.items():
+        if not k.endswith("num_batches_tracked"):
+            np.testing.assert_array_equal(sd[k], v.numpy(), err_msg=k)
+    clone = copy.deepcopy(up)
+    with t.no_grad():
+        for v in clone.state_dict().values():
+            v.zero_()
+    clone.load_state_dict({k: t.from_numpy(v) for k, v in sd.items()}, strict=True)
+    for o, r in zip(upstream_nhwc(clone, name, x), ref):
+        np.testing.assert_allclose(o, r, rtol=1e-6, atol=1e-6)
+
+
+def _upstream_step(up, name, x, rows, targets, oracles):
+    """Upstream train-mode forward + its own loss + backward: ``(total, components)``."""
+    from jaxyolo.models import upstream
+
+    t = oracles.torch()
+    family = jaxyolo.models.MODELS[name].family
+    xt = upstream.torch_images(x, family)
+    up.train()
+    if family == "ultralytics":
+        from ultralytics.cfg import get_cfg
+
+        up.args = get_cfg()  # what the trainer attaches: box 7.5, cls 0.5, dfl 1.5
+        batch = {"batch_idx": t.from_numpy(rows[:, 0]), "cls": t.from_numpy(rows[:, 1:2]), "bboxes": t.from_numpy(rows[:, 2:])}
+        loss, items = up.loss(batch, up(xt))
+        items = items.values() if isinstance(items, dict) else items  # {"box_loss": ..., "cls_loss": ..., "dfl_loss": ...}
+        total, comps = loss.sum(), dict(zip(("box", "cls", "dfl"), map(float, items)))
+    elif family == "yolov5":
+        from yolov5.utils.loss import ComputeLoss
+
+        up.hyp = jaxyolo.Yolov5LossConfig().hyp()
+        loss, items = ComputeLoss(up)(up(xt), t.from_numpy(rows))
+        total, comps = loss.sum(), dict(zip(("box", "obj", "cls"), map(float, items)))
+    else:
+        from jaxyolo.testing.oracles.yolox import yolox_labels
+
+        labels, _ = yolox_labels(targets, x.shape[1:3])
+        out = up(xt, t.from_numpy(labels))
+        total = out["total_loss"]
+        comps = {k: float(out[f"{u}_loss"].detach()) for k, u in (("iou", "iou"), ("obj", "conf"), ("cls", "cls"))}
+    total.backward()
+    return float(total.detach()), comps
+
+
+def _train_step(model, x, targets):
+    """``((loss, components), grads)`` of one train-mode step; ``model``'s
+    BatchNorm statistics are updated as the forward moved them."""
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(p, r, im, tg):
+        m = nnx.merge(graph, p, jax.tree.map(lambda a: a, r))  # fresh Variables: BatchNorm writes its statistics
+        total, comps = model_loss(m, m(im), tg)
+        return total, (comps, nnx.state(m, nnx.BatchStat))
+
+    step = compiled(jax.value_and_grad(loss_fn, has_aux=True), params, rest, x, targets)
+    (loss, (comps, stats)), grads = step(params, rest, x, targets)
+    nnx.update(model, stats)
+    return (loss, comps), grads
+
+
+# 448x512 with boxes up to 95% of the image for YOLOv8: at random init (DFL
+# boxes of 15 cells) the TAL assigner then gives every level foreground
+# anchors, so every parameter, the box branches of the coarse levels included,
+# has a gradient.  YOLOv5's objectness reaches every parameter at any size.
+# YOLOX's class branch and box outputs learn from foreground anchors only and
+# SimOTA picks ~1 per GT here, so some levels get none.  Small YOLOX images on
+# purpose: in its SPP max-pools, windows whose values all sit at SiLU's flat
+# minimum (-0.2785) are near-ties that float32 rounding decides, so the two
+# frameworks may route that gradient to different cells (seen at 448x512);
+# like torch.topk ties, the cases avoid them.
+STEP_CASES = [("yolov8n", 3, (448, 512)), ("yolov5n", 5, (96, 128)), ("yolox-nano", 3, (96, 128))]
+
+
+@pytest.mark.parametrize("name,nc,hw", STEP_CASES, ids=[c[0] for c in STEP_CASES])
+def test_train_step_parity(oracles, rng, name, nc, hw):
+    up = upstream_model(name, nc)
+    sd0 = {k: v.clone() for k, v in up.state_dict().items()}
+    b = 2
+    x = rng.random((b, *hw, 3), dtype=np.float32)
+    rows = random_rows(rng, batch=b, nc=nc, per_image=4, sizes=(0.1, 0.95))
+    targets = jaxyolo.Targets.from_rows(rows, batch_size=b, max_boxes=8)
+    total, comps = _upstream_step(up, name, x, rows, targets, oracles)
+    ref_grads = {k: p.grad.numpy() for k, p in up.named_parameters() if p.grad is not None}
+    zero = [k for k, g in ref_grads.items() if not np.any(g)]  # parameters without a gradient (see STEP_CASES)
+    if name == "yolox-nano":
+        assert all(k.startswith(("head.cls_convs.", "head.cls_preds.", "head.reg_preds.")) for k in zero), zero
+    else:
+        assert zero == []
+
+    model = from_torch(sd0, name=name)
+    model.train()
+    (loss, jcomps), grads = _train_step(model, jnp.asarray(x), targets)
+    np.testing.assert_allclose(float(loss), total, rtol=1e-4)
+    for k, v in comps.items():
+        np.testing.assert_allclose(float(jcomps[k]), v, rtol=1e-4, atol=1e-7, err_msg=k)
+
+    ours = to_torch_arrays(grads)
+    assert ours.keys() == ref_grads.keys()
+    for k, g in ref_grads.items():
+        np.testing.assert_allclose(ours[k], g, rtol=1e-3, atol=1e-3 * np.abs(g).max(), err_msg=k)
+
+    # BatchNorm running statistics after the train-mode forward (torch: unbiased variance)
+    after = to_torch_state_dict(model)
+    for k, v in up.state_dict().items():
+        if "running_" in k:
+            np.testing.assert_allclose(after[k], v.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert jax.tree.all(jax.tree.map(lambda g: bool(jnp.all(jnp.isfinite(g))), grads))

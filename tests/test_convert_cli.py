@@ -1,0 +1,104 @@
+"""``jaxyolo convert`` and ``jaxyolo compare`` through ``jaxyolo.cli.main``."""
+
+import copy
+import re
+import shutil
+
+import numpy as np
+import pytest
+from _arch_cases import random_rows, upstream_model
+
+from jaxyolo.cli import main
+from jaxyolo.models import from_torch, load_weights, to_torch_state_dict
+
+
+@pytest.fixture(scope="module")
+def checkpoints(oracles, tmp_path_factory):
+    """Upstream-format checkpoint files of randomly initialised upstream models."""
+    t = oracles.torch()
+    d = tmp_path_factory.mktemp("ckpt")
+    v8 = upstream_model("yolov8n", 3)
+    v8.names = {0: "a", 1: "b", 2: "c"}
+    t.save({"model": copy.deepcopy(v8).half(), "ema": None, "train_args": {}}, d / "yolov8n.pt")
+    t.save({"model": copy.deepcopy(upstream_model("yolov5n", 2)).half()}, d / "yolov5n.pt")
+    t.save({"model": upstream_model("yolox-nano", 3).state_dict()}, d / "yolox_nano.pth")
+    return d
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A tiny YOLO dataset: ``images/`` (3 PNGs of different sizes) and ``labels/``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    rows = random_rows(rng, batch=3, nc=2, per_image=2)
+    for i, (h, w) in enumerate([(50, 70), (64, 64), (90, 60)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        lines = [" ".join(f"{v:.6f}" if j else str(int(v)) for j, v in enumerate(r[1:])) for r in rows if r[0] == i]
+        (root / "labels" / f"{i}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_convert(checkpoints, tmp_path, capsys):
+    assert main(["convert", str(checkpoints / "yolov8n.pt"), "--out", str(tmp_path / "w")]) == 0
+    assert "(yolov8n, nc=3, classes a, b, c)" in capsys.readouterr().out
+    model = load_weights(tmp_path / "w")
+    direct = from_torch(checkpoints / "yolov8n.pt")
+    assert (model.name, model.nc, model.class_names) == ("yolov8n", 3, ("a", "b", "c"))
+    a, b = to_torch_state_dict(model), to_torch_state_dict(direct)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+    with pytest.raises(SystemExit, match="name is required"):
+        main(["convert", str(checkpoints / "yolox_nano.pth"), "--out", str(tmp_path / "x")])
+    assert main(["convert", str(checkpoints / "yolox_nano.pth"), "--name", "yolox-nano", "--out", str(tmp_path / "x")]) == 0
+    assert load_weights(tmp_path / "x").nc == 3
+    with pytest.raises(SystemExit, match="no checkpoint file"):
+        main(["convert", str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "y")])
+
+
+def _levels(out: str):
+    """``[(max_abs, max_ref, rel)]`` parsed from the level table."""
+    return [tuple(map(float, m.groups())) for m in re.finditer(r"^\s+\d+\s+\d+\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)$", out, re.M)]
+
+
+def test_compare_random_images(checkpoints, capsys):
+    assert main(["compare", "--weights", str(checkpoints / "yolov5n.pt"), "--img-size", "64", "--tol", "1e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "yolov5n (yolov5, nc=2), 2 random images, 64x64, eval mode" in out
+    levels = _levels(out)
+    assert len(levels) == 3 and all(0 <= rel <= 1e-4 and ref > 0 for _, ref, rel in levels)
+    assert "loss" not in out
+
+
+@pytest.mark.parametrize("ckpt,extra", [("yolov8n.pt", []), ("yolov5n.pt", []), ("yolox_nano.pth", ["--name", "yolox-nano"])])
+def test_compare_labelled(checkpoints, labelled, capsys, ckpt, extra):
+    argv = ["compare", "--weights", str(checkpoints / ckpt), *extra, "--images", str(labelled / "images"), "--img-size", "64"]
+    assert main([*argv, "--tol", "1e-4"]) == 0
+    out = capsys.readouterr().out
+    assert f"3 images from {labelled / 'images'}, 64x64" in out
+    assert len(_levels(out)) == 3
+    m = re.search(r"loss \(6 boxes\): jaxyolo (\S+)  upstream (\S+)  rel (\S+)", out)
+    assert m and float(m.group(1)) > 0 and float(m.group(3)) <= 1e-4
+    parts = re.findall(r"^\s+(\w+): jaxyolo (\S+)  upstream (\S+)$", out, re.M)
+    assert [p[0] for p in parts] == {"yolov8n.pt": ["box", "cls", "dfl"], "yolov5n.pt": ["box", "obj", "cls"],
+                                     "yolox_nano.pth": ["iou", "conf", "cls", "l1"]}[ckpt]
+    for _, ours, theirs in parts:
+        np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-4, atol=1e-6)
+
+
+def test_compare_errors(checkpoints, labelled, tmp_path):
+    with pytest.raises(SystemExit, match="name is required"):
+        main(["compare", "--weights", str(checkpoints / "yolox_nano.pth")])
+    with pytest.raises(SystemExit, match="--labels needs --images"):
+        main(["compare", "--weights", str(checkpoints / "yolov5n.pt"), "--labels", str(labelled / "labels")])
+    with pytest.raises(SystemExit, match="no images"):
+        main(["compare", "--weights", str(checkpoints / "yolov5n.pt"), "--images", str(labelled / "labels")])
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    shutil.copy(labelled / "images" / "0.png", tmp_path / "images" / "0.png")
+    (tmp_path / "labels" / "0.txt").write_text("1 0.5 0.5 0.2 0.2\n0 0.5 oops 0.1\n")
+    with pytest.raises(SystemExit, match=r"0\.txt:2: expected 'class cx cy w h', got '0 0\.5 oops 0\.1'"):
+        main(["compare", "--weights", str(checkpoints / "yolov5n.pt"), "--images", str(tmp_path / "images"), "--img-size", "64"])
