@@ -2,7 +2,7 @@
 
     python experiments/bench_train.py --tiny                 # pico, 64 px, batch 8
     python experiments/bench_train.py                        # the default `jaxyolo train` config
-    python experiments/bench_train.py --model-size small --img-size 640 --batch 32
+    python experiments/bench_train.py --model small --img-size 640 --batch 32
 
 Prints, for one config, on JAX's default backend:
 
@@ -34,8 +34,8 @@ import numpy as np
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="pico, 64 px, batch 8 (a step of a few ms: host overhead shows)")
-    p.add_argument("--loss", default="yolov8", choices=("yolov8", "yolov5", "yolox"))
-    p.add_argument("--model-size", default=None)
+    p.add_argument("--loss", default=None, choices=("yolov8", "yolov5", "yolox"), help="default: the model's family (yolov8 for the own models)")
+    p.add_argument("--model", default=None, help="pico | nano | small or an upstream architecture (yolov8n, ...)")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
@@ -52,16 +52,17 @@ def main(argv=None) -> int:
 
     base = TrainConfig()
     if args.tiny:
-        base = dataclasses.replace(base, model_size="pico", img_size=64, batch=8)
-    over = {k: v for k, v in (("model_size", args.model_size), ("img_size", args.img_size), ("batch", args.batch)) if v is not None}
+        base = dataclasses.replace(base, model="pico", img_size=64, batch=8)
+    over = {k: v for k, v in (("model", args.model), ("img_size", args.img_size), ("batch", args.batch)) if v is not None}
     total = args.warmup + args.steps
     if args.steps % args.log_every or args.warmup % args.log_every:
         raise SystemExit("error: --steps and --warmup must be multiples of --log-every (the loop is timed between log points)")
     # Enough images that the timed steps stay inside training (no run end); eval only at the end.
-    cfg = dataclasses.replace(base, loss=args.loss, precision=args.precision, eval_every=10**6, **over)
+    cfg = dataclasses.replace(base, loss=None, precision=args.precision, eval_every=10**6, **over)
+    cfg = dataclasses.replace(cfg, loss=cfg.loss if args.loss is None else args.loss)
     cfg = dataclasses.replace(cfg, epochs=max(1, -(-total // max(cfg.train_size // cfg.batch, 1))) + 1, max_steps=total)
     print(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} devices), {os.cpu_count()} CPU cores")
-    print(f"config: loss={cfg.loss} model={cfg.model_size} img={cfg.img_size} batch={cfg.batch} precision={cfg.precision} "
+    print(f"config: loss={cfg.loss} model={cfg.model} img={cfg.img_size} batch={cfg.batch} precision={cfg.precision} "
           f"train_size={cfg.train_size} log_every={args.log_every}; {args.warmup} warm-up + {args.steps} timed steps")
 
     train_data = load_embedded("train", img_size=cfg.img_size, size=cfg.train_size)

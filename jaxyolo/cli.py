@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a detector", formatter_class=_Help)
-    t.add_argument("--loss", choices=("yolov8", "yolov5", "yolox"), default=d.loss, help="loss (and matching head)")
+    t.add_argument("--model", default=None, help="pico | nano | small (jaxyolo's own, head of --loss), or an upstream architecture: yolov8n..x, yolo11n..x, yolov5n..x, yolox-nano|tiny|s|m|l|x (default: pico, or the --weights' architecture)")
+    t.add_argument("--weights", default=None, help="initial weights of an upstream --model: a `jaxyolo convert` folder or an upstream .pt/.pth (tensors of matching shape are loaded)")
+    t.add_argument("--loss", choices=("yolov8", "yolov5", "yolox"), default=None, help="loss (and head of the own models; default: the model's family, yolov8 for the own models)")
     t.add_argument("--data", default=d.data, help="'embedded', an Ultralytics data.yaml, a COCO folder (annotations/instances_<split>*.json) or .json file, or a folder with images/ + labels/")
     t.add_argument("--images", default=None, help="the images folder of a COCO .json --data")
     t.add_argument("--nc", type=int, default=None, help="number of classes, checked against the dataset (default: the dataset's)")
@@ -54,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=d.batch, help="global batch size (split over the devices)")
     t.add_argument("--out", default=None, help="run folder (default: runs/<loss>, then runs/<loss>-2, ...; with --resume the latest runs/<loss>*)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved config")
-    t.add_argument("--model-size", choices=("pico", "nano", "small"), default=d.model_size, help="jaxyolo's own YOLOv8-style backbone width/depth")
     t.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer, help="AdamW, or SGD with Nesterov momentum 0.937")
     t.add_argument("--lr0", type=float, default=d.lr0, help="peak learning rate (after the warmup, then cosine decay to 1%%)")
     t.add_argument("--train-size", type=int, default=d.train_size, help="embedded training images")
@@ -126,18 +127,18 @@ def _run_dirs(loss: str):
     return sorted((p for p in base.glob(f"{loss}*") if p.is_dir() and (p.name == loss or p.name.startswith(f"{loss}-"))), key=lambda p: p.stat().st_mtime)
 
 
-def _pick_out(args) -> Path:
+def _pick_out(args, loss: str) -> Path:
     if args.out is not None:
         out = Path(args.out)
         if not args.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
             raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
         return out
     if args.resume:
-        runs = _run_dirs(args.loss)
+        runs = _run_dirs(loss)
         if not runs:
-            raise SystemExit(f"error: --resume: no runs/{args.loss}* folder; pass --out")
+            raise SystemExit(f"error: --resume: no runs/{loss}* folder; pass --out")
         return runs[-1]
-    return _next_free(Path("runs") / args.loss)
+    return _next_free(Path("runs") / loss)
 
 
 _USER_ERRORS = (FileNotFoundError, ValueError, FloatingPointError)
@@ -147,21 +148,29 @@ def _train(args) -> int:
     from jaxyolo.train import TrainConfig, train
     from jaxyolo.train.checkpoint import RunLockedError
 
+    model = args.model
+    if model is None and args.weights is not None:
+        from jaxyolo.models import load_weights
+
+        try:
+            model = load_weights(args.weights).name
+        except (*_USER_ERRORS, OSError) as e:
+            raise SystemExit(f"error: --weights: {e}") from None
     aug = {k: getattr(args, k) for k in ("mosaic", "close_mosaic", "degrees", "translate", "scale", "shear", "perspective", "hsv_h", "hsv_s", "hsv_v", "flipud", "fliplr")}
     try:
         cfg = TrainConfig(
-            loss=args.loss, data=args.data, images=args.images, nc=args.nc, epochs=args.epochs, img_size=args.img_size, batch=args.batch,
-            model_size=args.model_size, optimizer=args.optimizer, lr0=args.lr0, train_size=args.train_size,
+            model=model or "pico", loss=args.loss, weights=args.weights, data=args.data, images=args.images, nc=args.nc, epochs=args.epochs,
+            img_size=args.img_size, batch=args.batch, optimizer=args.optimizer, lr0=args.lr0, train_size=args.train_size,
             val_size=args.val_size, max_boxes=args.max_boxes, eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed,
             precision=args.precision, **aug,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    out = _pick_out(args)
+    out = _pick_out(args, cfg.loss)
     if args.resume:
         print(f"jaxyolo train --resume: {out} (its saved config; other options except --max-steps are ignored)", flush=True)
     else:
-        shown = ("loss", "data", "epochs", "img_size", "batch", "model_size", "optimizer", "lr0", "precision")
+        shown = ("model", "loss", "weights", "data", "epochs", "img_size", "batch", "optimizer", "lr0", "precision")
         print(f"jaxyolo train: {out}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in shown)})", flush=True)
     try:
         train(cfg, out, resume=args.resume, progress=not args.no_progress, log_every=args.log_every, devices=args.devices, cache=args.cache)

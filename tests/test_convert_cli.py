@@ -102,3 +102,50 @@ def test_compare_errors(checkpoints, labelled, tmp_path):
     (tmp_path / "labels" / "0.txt").write_text("1 0.5 0.5 0.2 0.2\n0 0.5 oops 0.1\n")
     with pytest.raises(SystemExit, match=r"0\.txt:2: expected 'class cx cy w h', got '0 0\.5 oops 0\.1'"):
         main(["compare", "--weights", str(checkpoints / "yolov5n.pt"), "--images", str(tmp_path / "images"), "--img-size", "64"])
+
+
+@pytest.mark.slow
+def test_convert_train_eval_predict_end_to_end(checkpoints, tmp_path, capsys):
+    """An upstream checkpoint -> `convert` -> `train --weights` (a few steps on
+    a user's data.yaml) -> `eval` -> `predict`; and the converted weights
+    evaluated and run directly."""
+    import json
+
+    from _datasets import make_yaml_dataset
+
+    yaml3, _ = make_yaml_dataset(tmp_path / "d3", n_train=8, n_val=3, names=("a", "b", "c"))
+    yaml2, _ = make_yaml_dataset(tmp_path / "d2", n_train=8, n_val=3, names=("x", "y"))
+    w = tmp_path / "w"
+    assert main(["convert", str(checkpoints / "yolov8n.pt"), "--out", str(w)]) == 0
+    tiny = ["--img-size", "64", "--batch", "4", "--epochs", "1", "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", "--weights", str(w), "--data", str(yaml3), *tiny, "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["model"], cfg["loss"]) == ("yolov8n", "yolov8")  # the architecture and loss follow the weights
+    from flax import nnx
+
+    n_tensors = len(nnx.to_flat_state(nnx.state(load_weights(w))))  # parameters + BatchNorm statistics
+    assert f"weights: {n_tensors}/{n_tensors} tensors from {w}" in out
+    assert "val mAP@0.5 = " in out
+    assert main(["eval", "--checkpoint", str(run)]) == 0
+    assert "val mAP@0.5 = " in capsys.readouterr().out
+    img = next((tmp_path / "d3" / "images" / "val").iterdir())
+    assert main(["predict", str(img), "--checkpoint", str(run), "--out", str(tmp_path / "p"), "--conf", "0.001", "--save-txt"]) == 0
+    assert (tmp_path / "p" / img.name).is_file() and (tmp_path / "p" / "labels" / f"{img.stem}.txt").is_file()
+    # The converted weights themselves: evaluated on a dataset, run on an image.
+    assert main(["eval", "--checkpoint", str(w), "--data", str(yaml3)]) == 0
+    assert "(step 0): val mAP@0.5 = " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="converted weights, not a run"):
+        main(["eval", "--checkpoint", str(w)])
+    assert main(["predict", str(img), "--checkpoint", str(w), "--out", str(tmp_path / "pw"), "--img-size", "64"]) == 0
+    # Fine-tuning on other classes: everything but the class predictions is loaded.
+    assert main(["train", "--model", "yolov8n", "--weights", str(checkpoints / "yolov8n.pt"), "--data", str(yaml2), *tiny,
+                 "--max-steps", "1", "--out", str(tmp_path / "ft")]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("weights: "))
+    copied, total = map(int, re.search(r"(\d+)/(\d+) tensors", line).groups())
+    assert total == n_tensors and total - copied == 6 and "(3 classes -> 2)" in line  # cv3.{0,1,2}.2 weight + bias
+    with pytest.raises(SystemExit, match="error: .*holds a yolov8n, not the model='yolov8s'"):
+        main(["train", "--model", "yolov8s", "--weights", str(w), "--data", str(yaml3), *tiny, "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="error: loss='yolox' does not fit model='yolov8n'"):
+        main(["train", "--model", "yolov8n", "--loss", "yolox", *tiny, "--out", str(tmp_path / "bad")])

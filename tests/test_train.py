@@ -15,7 +15,7 @@ from jaxyolo.train import Session, TrainConfig, decay_mask, ema_decay, ema_tau_f
 
 TINY = TrainConfig(
     img_size=64, batch=4, epochs=1, max_boxes=8, lr0=0.003, warmup_epochs=0, warmup_min_steps=10,
-    schedule="linear", lrf=1.0, grad_clip=None, model_size="pico",
+    schedule="linear", lrf=1.0, grad_clip=None, model="pico",
 )
 
 

@@ -9,7 +9,7 @@
 """
 
 from jaxyolo.models.backbone import MODEL_SIZES, STRIDES, Backbone, ModelSize
-from jaxyolo.models.convert import from_torch, load_weights, save_weights, to_torch_state_dict
+from jaxyolo.models.convert import from_torch, load_weights, save_weights, to_torch_state_dict, transfer_weights
 from jaxyolo.models.detector import HEAD_TYPES, Detector, build_detector
 from jaxyolo.models.heads import (
     YOLOV5S_ANCHORS,
@@ -45,4 +45,5 @@ __all__ = [
     "model_loss",
     "save_weights",
     "to_torch_state_dict",
+    "transfer_weights",
 ]

@@ -38,7 +38,7 @@ from jaxyolo.models import yolov5 as _v5
 from jaxyolo.models.graph import STRIDES
 from jaxyolo.models.registry import MODELS, build_model, get_spec
 
-__all__ = ["from_torch", "to_torch_state_dict", "to_torch_arrays", "save_weights", "load_weights", "infer_nc", "torch_key", "WEIGHTS_FORMAT"]
+__all__ = ["from_torch", "to_torch_state_dict", "to_torch_arrays", "save_weights", "transfer_weights", "load_weights", "infer_nc", "torch_key", "WEIGHTS_FORMAT"]
 
 WEIGHTS_FORMAT = "jaxyolo-weights/1"
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -238,6 +238,24 @@ def from_torch(source, *, name: str | None = None, nc: int | None = None, dtype=
 
 
 # ------------------------------------------------------------- weight dirs
+
+
+def transfer_weights(dst, src) -> tuple[int, int, list]:
+    """Copy into ``dst`` every parameter and BatchNorm statistic of ``src``
+    whose path and shape match (ultralytics' ``intersect_dicts`` rule for
+    pretrained weights): same architecture with another ``nc`` keeps ``dst``'s
+    freshly initialised class predictions.
+
+    Returns:
+      ``(copied, total, skipped)``: tensors copied, ``dst``'s tensor count,
+      and the paths of ``dst`` left as they were.
+    """
+    src_flat = {p: v for p, v in nnx.to_flat_state(nnx.state(src))}
+    dst_flat = list(nnx.to_flat_state(nnx.state(dst)))
+    take = {p: np.asarray(src_flat[p][...]) for p, v in dst_flat if p in src_flat and tuple(src_flat[p].shape) == tuple(v.shape)}
+    nnx.update(dst, nnx.from_flat_state([(p, type(v)(jnp.asarray(take[p], v[...].dtype))) for p, v in dst_flat if p in take]))
+    skipped = [".".join(map(str, p)) for p, _ in dst_flat if p not in take]
+    return len(take), len(dst_flat), skipped
 
 
 def save_weights(model, directory, *, names=None) -> Path:

@@ -18,14 +18,22 @@ class TrainConfig:
     """Everything a run depends on.
 
     Attributes:
-      loss: ``"yolov8" | "yolov5" | "yolox"``; also picks the head.
+      model: jaxyolo's own ``"pico" | "nano" | "small"`` (YOLOv8-style
+        backbone, the head of ``loss``), or an upstream architecture of
+        :data:`jaxyolo.models.MODELS` (``"yolov8n"``, ``"yolo11s"``,
+        ``"yolov5m"``, ``"yolox-nano"`` ...), whose family sets the loss.
+      loss: ``"yolov8" | "yolov5" | "yolox"``; None: the model's family
+        (``"yolov8"`` for the own models).
+      weights: initial weights for an upstream ``model``: a jaxyolo weights
+        folder (``jaxyolo convert``) or an upstream ``.pt``/``.pth``; tensors
+        whose path and shape match are loaded (a different ``nc`` keeps the
+        class predictions freshly initialised).
       data: ``"embedded"``, an Ultralytics ``data.yaml``, a COCO folder
         (``annotations/instances_<split>*.json``) or ``.json`` file, or a
         plain ``images/`` + ``labels/`` folder (:func:`jaxyolo.data.load_data`).
       images: the images folder of a single COCO ``.json`` ``data``.
       nc: number of classes, checked against the dataset's names (None: from the dataset).
       epochs, img_size, batch: the usual.
-      model_size: ``"pico" | "nano" | "small"`` (:data:`jaxyolo.models.MODEL_SIZES`).
       train_size, val_size: number of embedded images (ignored for a directory).
       max_boxes: M, the padded number of boxes per image (static shape) of
         the stored labels and of the augmented targets the loss sees (a
@@ -64,14 +72,15 @@ class TrainConfig:
         interrupted runs and tests.  None: run all epochs.
     """
 
-    loss: str = "yolov8"
+    model: str = "pico"
+    loss: str | None = None
+    weights: str | None = None
     data: str = "embedded"
     images: str | None = None
     nc: int | None = None
     epochs: int = 12
     img_size: int = 128
     batch: int = 16
-    model_size: str = "pico"
     train_size: int = 3000
     val_size: int = 400
     max_boxes: int = 32
@@ -108,6 +117,20 @@ class TrainConfig:
     max_steps: int | None = None
 
     def __post_init__(self):
+        from jaxyolo.models import MODEL_SIZES, MODELS
+
+        if self.model in MODEL_SIZES:
+            family = None
+            if self.weights is not None:
+                raise ValueError(f"weights: only the upstream architectures load weights, not model={self.model!r}")
+        elif self.model in MODELS:
+            family = MODELS[self.model].head_type
+        else:
+            raise ValueError(f"model must be one of {', '.join(MODEL_SIZES)} or an upstream architecture ({', '.join(MODELS)}), got {self.model!r}")
+        if self.loss is None:
+            object.__setattr__(self, "loss", family or "yolov8")
+        elif family is not None and self.loss != family:
+            raise ValueError(f"loss={self.loss!r} does not fit model={self.model!r}, a {family} architecture (leave --loss out)")
         for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -146,6 +169,13 @@ class TrainConfig:
     def from_json(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def own_model(self) -> bool:
+        """True for jaxyolo's pico/nano/small, False for an upstream architecture."""
+        from jaxyolo.models import MODEL_SIZES
+
+        return self.model in MODEL_SIZES
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1)

@@ -127,7 +127,7 @@ def train(
             (out_dir / "config.json").write_text(config.dumps())
 
         nc = train_data.nc
-        session = Session(config, nc=nc, steps_per_epoch=spe, mesh=mesh, log_every=log_every)
+        session = Session(config, nc=nc, steps_per_epoch=spe, mesh=mesh, log_every=log_every, log=None if resume else log)
         names = main_loss_names(config.loss)
         history, epoch, start = [], 0, 0
         acc = new_acc(session.names, log_every)
@@ -231,8 +231,23 @@ def train(
 
 
 def load_session(path, *, devices: int | None = None):
-    """The EMA model of the latest checkpoint of run ``path``: ``(session,
-    meta)`` with ``meta["step"]`` the checkpoint's step."""
+    """The model to evaluate or run: ``(session, meta)``.
+
+    ``path`` is a run folder (the EMA model of its latest checkpoint;
+    ``meta["step"]`` the checkpoint's step), or converted weights (a
+    ``jaxyolo convert`` folder or an upstream ``.pt``/``.pth``: the model as
+    loaded, at 640 px; ``meta["step"] = 0``).  ``meta["names"]`` are the
+    class names.
+    """
+    p = Path(path)
+    if p.is_file() or (p / "model.json").is_file():
+        from jaxyolo.models import load_weights
+
+        src = load_weights(p)
+        config = TrainConfig(model=src.name, weights=str(p), img_size=640, batch=8)
+        session = Session(config, nc=src.nc, steps_per_epoch=1, mesh=parallel.make_mesh(devices))
+        names = list(src.class_names) if src.class_names else [str(i) for i in range(src.nc)]
+        return session, {"names": names, "nc": src.nc, "step": 0, "converted": True}
     run = ckpt.find_run_dir(path)
     mngr = ckpt.manager(run)
     latest = mngr.latest_step()
@@ -252,6 +267,8 @@ def evaluate_checkpoint(path, *, log=print, batch_size: int | None = None, data=
     :class:`DetectionData`).  Returns ``{"map50", "map50_95"}``."""
     session, meta = load_session(path, devices=devices)
     config = session.config
+    if data is None and meta.get("converted"):
+        raise ValueError(f"{path} holds converted weights, not a run: pass the dataset to evaluate on (--data)")
     if data is None or isinstance(data, str):
         spec, imgs = (config.data, config.images) if data is None else (data, images)
         val_data = load_data(spec, "val", img_size=config.img_size, images=imgs, embedded_size=config.val_size)
@@ -262,5 +279,5 @@ def evaluate_checkpoint(path, *, log=print, batch_size: int | None = None, data=
     if batch_size is not None:
         parallel.check_batch(batch_size, session.mesh)
     res = _evaluate(session, val_data, batch_size=batch_size)
-    log(f"{ckpt.find_run_dir(path)} (step {meta['step']}): val mAP@0.5 = {res['map50']:.4f}   mAP@0.5:0.95 = {res['map50_95']:.4f}")
+    log(f"{path} (step {meta['step']}): val mAP@0.5 = {res['map50']:.4f}   mAP@0.5:0.95 = {res['map50_95']:.4f}")
     return res

@@ -24,13 +24,13 @@ from flax import nnx
 import jaxyolo
 from jaxyolo.data.augment import augment
 from jaxyolo.evaluate import batched_nms
-from jaxyolo.models import build_detector
+from jaxyolo.models import build_detector, build_model, load_weights, transfer_weights
 from jaxyolo.targets import Targets
 from jaxyolo import parallel
 from jaxyolo.train.config import TrainConfig
 from jaxyolo.train.optim import ema_decay, ema_tau_for, ema_update, make_optimizer
 
-__all__ = ["make_objective", "main_loss_names", "log_names", "Session", "new_acc"]
+__all__ = ["make_objective", "main_loss_names", "log_names", "build_train_model", "Session", "new_acc"]
 
 
 def make_objective(config: TrainConfig, *, strides, nc: int, reg_max: int = 16, anchors=None):
@@ -111,6 +111,26 @@ def _accumulate(acc, logs, step):
 # ---------------------------------------------------------------- session
 
 
+def build_train_model(config: TrainConfig, *, nc: int, log=None):
+    """The model of ``config``: jaxyolo's own ``pico``/``nano``/``small`` with
+    the head of ``config.loss``, or an upstream architecture, initialised from
+    ``config.weights`` where given (every tensor whose path and shape match;
+    see :func:`jaxyolo.models.transfer_weights`)."""
+    if config.own_model:
+        return build_detector(config.loss, nc=nc, size=config.model, seed=config.seed)
+    model = build_model(config.model, nc=nc, seed=config.seed)
+    if config.weights is not None:
+        src = load_weights(config.weights)
+        if src.name != config.model:
+            raise ValueError(f"weights: {config.weights} holds a {src.name}, not the model={config.model!r} being trained")
+        copied, total, skipped = transfer_weights(model, src)
+        if log is not None:
+            extra = f"; kept fresh: {', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''}" if skipped else ""
+            log(f"weights: {copied}/{total} tensors from {config.weights} ({src.nc} classes -> {nc}){extra}")
+    return model
+
+
+
 _COMPILED: dict = {}
 _PRECISION = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -134,6 +154,7 @@ class Session:
       mesh: a ``("data",)`` mesh (:func:`jaxyolo.parallel.make_mesh`);
         None: all devices.
       log_every: the window of per-step losses kept in ``acc`` (the log interval).
+      log: where a line about loaded ``config.weights`` goes (None: nowhere).
 
     ``train_step(state, ema, acc, batch) -> (state, ema, acc)`` with ``batch``
     the pipeline's dict (:class:`jaxyolo.data.TrainBatches`): ``image (B, K,
@@ -144,7 +165,7 @@ class Session:
     ``predict(params, stats, images uint8) -> batched_nms outputs``.
     """
 
-    def __init__(self, config: TrainConfig, *, nc: int, steps_per_epoch: int, mesh=None, log_every: int = 1):
+    def __init__(self, config: TrainConfig, *, nc: int, steps_per_epoch: int, mesh=None, log_every: int = 1, log=None):
         self.config = config
         self.nc = nc
         self.steps_per_epoch = steps_per_epoch
@@ -155,7 +176,7 @@ class Session:
         self.names = log_names(config.loss)
         self.batch_sharding = parallel.batch_sharding(self.mesh)
         self.replicated = parallel.replicated(self.mesh)
-        model = build_detector(config.loss, nc=nc, size=config.model_size, seed=config.seed)
+        model = build_train_model(config, nc=nc, log=log)
         self.strides = model.strides
         self.reg_max = getattr(model.head, "reg_max", 16)
         self.anchors = model.head.anchor_array if config.loss == "yolov5" else None
@@ -166,7 +187,7 @@ class Session:
         self.objective = make_objective(config, strides=self.strides, nc=nc, reg_max=self.reg_max, anchors=self.anchors)
 
         key = (
-            dataclasses.replace(config, max_steps=None, eval_every=1, data="", train_size=1, val_size=1),
+            dataclasses.replace(config, max_steps=None, eval_every=1, data="", images=None, weights=None, train_size=1, val_size=1),
             nc, steps_per_epoch, tuple(d.id for d in self.mesh.devices.flat), log_every,
         )
         model.eval()
