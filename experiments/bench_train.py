@@ -9,7 +9,8 @@ Prints, for one config, on JAX's default backend:
 (a) the bare jitted train step, called back to back on one device-resident
     batch (ms per step, blocked at the end);
 (b) the real loop, ``jaxyolo.train.train``: the input pipeline with its
-    background prefetch, on-device augmentation, the EMA, the logging (every
+    background prefetch, the on-device augmentation (mosaic on throughout,
+    ``--no-augment`` for none), the EMA, the logging (every
     ``--log-every`` steps) and the epoch-end checkpoints, timed between its
     log points over ``--steps`` steps after ``--warmup`` steps (ms per step);
 (c) the input pipeline alone: gather + transfer of ``--steps`` batches
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--devices", type=int, default=None)
+    p.add_argument("--no-augment", action="store_true", help="turn every augmentation off (default: the trainer's defaults, mosaic on)")
     args = p.parse_args(argv)
 
     import jax
@@ -60,10 +62,15 @@ def main(argv=None) -> int:
     # Enough images that the timed steps stay inside training (no run end); eval only at the end.
     cfg = dataclasses.replace(base, loss=None, precision=args.precision, eval_every=10**6, **over)
     cfg = dataclasses.replace(cfg, loss=cfg.loss if args.loss is None else args.loss)
-    cfg = dataclasses.replace(cfg, epochs=max(1, -(-total // max(cfg.train_size // cfg.batch, 1))) + 1, max_steps=total)
+    # Mosaic stays on through the timed steps (no closing epochs): the
+    # augmentation is part of the step, with its K = 4 frames per sample.
+    cfg = dataclasses.replace(cfg, epochs=max(1, -(-total // max(cfg.train_size // cfg.batch, 1))) + 1, max_steps=total, close_mosaic=0)
+    if args.no_augment:
+        cfg = dataclasses.replace(cfg, **{k: 0.0 for k in ("mosaic", "translate", "scale", "hsv_h", "hsv_s", "hsv_v", "fliplr")})
     print(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} devices), {os.cpu_count()} CPU cores")
     print(f"config: loss={cfg.loss} model={cfg.model} img={cfg.img_size} batch={cfg.batch} precision={cfg.precision} "
-          f"train_size={cfg.train_size} log_every={args.log_every}; {args.warmup} warm-up + {args.steps} timed steps")
+          f"train_size={cfg.train_size} log_every={args.log_every}; augmentation: {'off' if args.no_augment else 'mosaic ' + str(cfg.mosaic) + ' + affine + HSV + flip'}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps")
 
     train_data = load_embedded("train", img_size=cfg.img_size, size=cfg.train_size)
     val_data = load_embedded("val", img_size=cfg.img_size, size=cfg.batch)
@@ -79,7 +86,7 @@ def main(argv=None) -> int:
     from jaxyolo import parallel
 
     session = Session(cfg, nc=train_data.nc, steps_per_epoch=batches.steps_per_epoch, mesh=parallel.make_mesh(args.devices), log_every=args.log_every)
-    batch = jax.device_put(batches.batch(0, 0), session.batch_sharding)
+    batch = jax.device_put(batches.batch(0, 0, mosaic=cfg.mosaic_in_epoch(0)), session.batch_sharding)
     state, ema, acc = session.state, session.ema, session.new_acc()
     for _ in range(5):
         state, ema, acc = session.train_step(state, ema, acc, batch)
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
     # (c) the pipeline alone: gather + prefetched transfer.
     positions = batches.positions(0, 0, epochs=10**6, max_steps=args.steps)
     t0 = time.perf_counter()
-    with Prefetcher(((pos, batches.batch(*pos)) for pos in positions), sharding=session.batch_sharding) as pf:
+    with Prefetcher(((pos, batches.batch(*pos, mosaic=cfg.mosaic_in_epoch(pos[0]))) for pos in positions), sharding=session.batch_sharding) as pf:
         for _, b in pf:
             jax.block_until_ready(b)
     pipe_bps = args.steps / (time.perf_counter() - t0)

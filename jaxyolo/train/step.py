@@ -118,7 +118,9 @@ def build_train_model(config: TrainConfig, *, nc: int, log=None):
     see :func:`jaxyolo.models.transfer_weights`)."""
     if config.own_model:
         return build_detector(config.loss, nc=nc, size=config.model, seed=config.seed)
-    model = build_model(config.model, nc=nc, seed=config.seed)
+    # The upstream blocks compute in their ``dtype`` (float32 by default,
+    # whatever the parameters' dtype): bf16 is set at build time.
+    model = build_model(config.model, nc=nc, seed=config.seed, dtype=jnp.bfloat16 if config.precision == "bf16" else None)
     if config.weights is not None:
         src = load_weights(config.weights)
         if src.name != config.model:
