@@ -1,6 +1,11 @@
 """Shared test configuration.
 
 * Parity runs in float32; on accelerators matmuls are forced to full float32.
+* XLA's persistent compilation cache is on (``.jax-cache/`` at the repo root
+  unless ``JAX_COMPILATION_CACHE_DIR`` says otherwise), shared by the xdist
+  workers and the subprocesses the tests start: the many short training runs
+  compile the same train steps, and a hit is keyed by the whole program, so
+  it changes no result (a CI clone starts empty).
 * The oracles are imported through :mod:`jaxyolo.testing.oracles`, which
   installs the torchvision shim and pins torch to one thread.  An oracle that
   fails to import fails the test that needs it: nothing is skipped.
@@ -9,6 +14,8 @@
 import os
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# Before jax is imported; inherited by subprocesses.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax-cache"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -1,4 +1,5 @@
-"""Training: every head + loss learns, one-batch overfit, exact resume, optimiser pieces."""
+"""Training: one-batch overfit, exact resume, optimiser pieces.  (That each
+loss trains to a stated mAP in the real loop: tests/test_learning.py.)"""
 
 import csv
 import dataclasses
@@ -39,17 +40,6 @@ def _one_batch_losses(loss, batch, steps, **overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["yolov5", "yolox"])
-def test_each_loss_trains(loss, one_batch):
-    logs = _one_batch_losses(loss, one_batch, 40)
-    losses = np.array([r["loss"] for r in logs])
-    assert np.all(np.isfinite(losses))
-    assert losses[-5:].mean() < 0.7 * losses[:5].mean(), losses
-    names = {"yolov5": ("box", "obj", "cls"), "yolox": ("iou", "obj", "cls")}[loss]
-    assert all(k in logs[0] for k in names)
-
-
-@pytest.mark.slow
 def test_yolov8_overfits_one_batch(one_batch):
     logs = _one_batch_losses("yolov8", one_batch, 300, lr0=0.005)
     losses = np.array([r["loss"] for r in logs])
@@ -62,14 +52,6 @@ def test_yolov8_overfits_one_batch(one_batch):
     assert end["cls"] <= 0.2 * logs[0]["cls"], (logs[0], end)
     assert end["dfl"] <= 0.6 * logs[0]["dfl"], (logs[0], end)
     assert end["loss"] <= 0.25 * logs[0]["loss"], (logs[0], end)
-
-
-@pytest.mark.slow
-def test_yolov5_overfits_one_batch(one_batch):
-    logs = _one_batch_losses("yolov5", one_batch, 100, lr0=0.01)
-    losses = np.array([r["loss"] for r in logs])
-    assert np.all(np.isfinite(losses))
-    assert losses[-5:].mean() <= 0.2 * losses[0], (losses[0], losses[-5:])  # down >= 80%
 
 
 @pytest.mark.slow
