@@ -66,8 +66,60 @@ def gradient_floor_ms(preds, *, repeats):
     return time_jitted(step, preds, repeats=repeats)[1]
 
 
-def time_torch(torch_step, *, repeats):
-    """Time an upstream forward+backward with torch's default (all-core) threads:
+#: Names of the two assignment paths of a loss's ``batched=`` option.
+PATH_NAMES = {False: "cpu path", True: "accelerator path"}
+
+
+def time_loss_paths(make_step, *args, repeats, two_paths=True):
+    """Time ``make_step(batched)`` (a jitted step) on the path that ``batched=None``
+    picks on this backend and, for a loss with two paths, on the other one too.
+
+    Returns ``(output, ms, compile_s, paths)`` of the auto path, ``paths``
+    ``{path name: ms}`` (empty for a single-path loss).
+    """
+    from jaxyolo.assign.tal import resolve_batched
+
+    auto = resolve_batched(None)
+    out, ms, compile_s = time_jitted(make_step(auto), *args, repeats=repeats)
+    if not two_paths:
+        return out, ms, compile_s, {}
+    other_ms = time_jitted(make_step(not auto), *args, repeats=repeats)[1]
+    return out, ms, compile_s, {PATH_NAMES[auto]: ms, PATH_NAMES[not auto]: other_ms}
+
+
+def torch_device():
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    from jaxyolo.testing import oracles
+
+    return "cuda" if oracles.torch().cuda.is_available() else "cpu"
+
+
+def to_torch_device(obj, device):
+    """Move an upstream loss object to ``device``: its tensor attributes (also in
+    lists/tuples), its ``nn.Module`` attributes and its ``device`` attribute.
+    ``obj`` itself is moved too when it is an ``nn.Module``.  Returns ``obj``."""
+    from jaxyolo.testing import oracles
+
+    torch = oracles.torch()
+    if device == "cpu":
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        obj.to(device)
+    for name, value in list(vars(obj).items()):
+        if name == "device":
+            setattr(obj, name, torch.device(device))
+        elif isinstance(value, torch.Tensor):
+            setattr(obj, name, value.to(device))
+        elif isinstance(value, torch.nn.Module):
+            value.to(device)
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            setattr(obj, name, type(value)(v.to(device) for v in value))
+    return obj
+
+
+def time_torch(torch_step, *, repeats, device="cpu"):
+    """Time an upstream forward+backward with torch's default (all-core) threads,
+    synchronising the GPU after each call on ``device="cuda"``:
     ``(result of a warm-up call, median ms)``.  The one-thread setting of the
     parity harness is restored afterwards."""
     import os
@@ -77,20 +129,30 @@ def time_torch(torch_step, *, repeats):
     torch = oracles.torch()
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
+
+    def step():
+        out = torch_step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
     try:
-        first = torch_step()
-        return first, median_ms(torch_step, max(3, repeats // 2))
+        first = step()
+        return first, median_ms(step, max(3, repeats // 2))
     finally:
         torch.set_num_threads(threads)
 
 
-def result(family, targets, *, jax_ms, torch_ms, compile_s, jax_total, torch_total, floor_ms, extra=""):
-    """The dict ``bench_losses.py`` prints, with both totals as a same-inputs check
-    and the dense-gradient floor (:func:`gradient_floor_ms`)."""
+def result(family, targets, *, jax_ms, torch_ms, compile_s, jax_total, torch_total, floor_ms, paths=None,
+           torch_device="cpu", extra=""):
+    """The dict ``bench_losses.py`` prints, with both totals as a same-inputs check,
+    the dense-gradient floor (:func:`gradient_floor_ms`) and, for a loss with two
+    assignment paths, each path's time (``paths``; ``jax_ms`` is the auto path)."""
     n_gt = int(np.asarray(targets.mask).sum())
     notes = (
         f"{n_gt} GTs; total jax {float(jax_total):.6g} vs upstream {float(torch_total):.6g}; "
-        f"dense-gradient floor {floor_ms:.1f} ms (at most {torch_ms / floor_ms:.1f}x here)" + extra
+        f"dense-gradient floor {floor_ms:.2f} ms (at most {torch_ms / floor_ms:.1f}x here)" + extra
     )
-    return dict(family=family, jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms, compile_s=compile_s,
-                floor_ms=floor_ms, notes=notes)
+    return dict(family=family, batch=int(targets.batch_size), jax_ms=jax_ms, torch_ms=torch_ms,
+                ratio=torch_ms / jax_ms, compile_s=compile_s, floor_ms=floor_ms, paths=dict(paths or {}),
+                torch_device=torch_device, jax_total=float(jax_total), torch_total=float(torch_total), notes=notes)

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from _bench_common import gradient_floor_ms, random_targets, result, time_jitted, time_torch
+from _bench_common import gradient_floor_ms, random_targets, result, time_loss_paths, time_torch, to_torch_device, torch_device
 
 STRIDES = (8, 16, 32)
 #: yolov5s P3-P5 anchors in pixels (models/yolov5s.yaml).
@@ -44,24 +44,32 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
     preds, targets = make_inputs(batch=batch, img=img, nc=nc, max_gt=max_gt, seed=seed)
     config = scale_yolov5_hyp(Yolov5LossConfig(), nc=nc, num_levels=len(STRIDES), img_size=img)
 
-    @jax.jit
-    def step(p, t):
-        def f(q):
-            total, comps, _ = yolov5_loss(q, t, anchors=ANCHORS, strides=STRIDES, config=config)
-            return total, comps
+    def make_step(_batched):  # one assignment path (build_targets has no per-image loop)
+        @jax.jit
+        def step(p, t):
+            def f(q):
+                total, comps, _ = yolov5_loss(q, t, anchors=ANCHORS, strides=STRIDES, config=config)
+                return total, comps
 
-        return jax.value_and_grad(f, has_aux=True)(p)
+            return jax.value_and_grad(f, has_aux=True)(p)
+
+        return step
 
     jpreds = [jnp.asarray(p) for p in preds]
-    ((jax_total, _), _), jax_ms, compile_s = time_jitted(step, jpreds, targets, repeats=repeats)
+    jtargets = jax.device_put(targets)
+    ((jax_total, _), _), jax_ms, compile_s, _ = time_loss_paths(make_step, jpreds, jtargets, repeats=repeats,
+                                                                  two_paths=False)
     floor_ms = gradient_floor_ms(jpreds, repeats=repeats)
 
     oracles.torch()  # shim + import before building the upstream objects
+    device = torch_device()
     oracle = Yolov5Oracle(anchors=ANCHORS, strides=STRIDES, nc=nc, hyp=config.hyp())
+    to_torch_device(oracle.loss, device)
     leaves = [
-        oracles.tensor(np.ascontiguousarray(np.transpose(p, (0, 3, 1, 2, 4))), grad=True) for p in preds
+        oracles.tensor(np.ascontiguousarray(np.transpose(p, (0, 3, 1, 2, 4)))).to(device).requires_grad_(True)
+        for p in preds
     ]
-    rows = oracles.tensor(targets.to_rows())
+    rows = oracles.tensor(targets.to_rows()).to(device)
 
     def torch_step():
         for leaf in leaves:
@@ -70,10 +78,10 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
         loss.sum().backward()
         return float(loss.item())
 
-    torch_total, torch_ms = time_torch(torch_step, repeats=repeats)
+    torch_total, torch_ms = time_torch(torch_step, repeats=repeats, device=device)
 
     return result("yolov5", targets, jax_ms=jax_ms, torch_ms=torch_ms, compile_s=compile_s, floor_ms=floor_ms,
-                  jax_total=jax_total, torch_total=torch_total)
+                  jax_total=jax_total, torch_total=torch_total, torch_device=device)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """YOLOv8 loss benchmark: jaxyolo ``yolov8_loss`` (jitted value_and_grad w.r.t. every
 level) vs ultralytics==8.4.190 ``v8DetectionLoss`` forward + backward, same inputs.
 
-    python experiments/bench_losses.py --family yolov8
+    python experiments/bench_losses.py --family yolov8 yolov9
     python experiments/bench_yolov8.py            # this family alone (+ assigner memory)
+
+``bench(preset="yolov9")`` is the YOLOv9 row: ``TalLossConfig(preset="yolov9")``
+vs yolo9==1.0.18 ``utils/loss_tal.py`` ``ComputeLoss`` (per-level NCHW leaves).
 
 Upstream gets its training dict (``boxes``/``scores``/``feats`` built from NCHW
 leaf tensors, reused, ``.grad`` cleared each call) and the ``batch`` dict
@@ -22,7 +25,7 @@ import sys
 
 import numpy as np
 
-from _bench_common import gradient_floor_ms, random_targets, result, time_jitted, time_torch
+from _bench_common import gradient_floor_ms, random_targets, result, time_loss_paths, time_torch, to_torch_device, torch_device
 
 STRIDES = (8, 16, 32)
 REG_MAX = 16
@@ -59,58 +62,81 @@ def assigner_memory(*, batch=16, img=640, nc=80, max_boxes=100):
                 bma_f32_mb=4 * batch * max_boxes * a / 1e6)
 
 
-def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
+def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0, preset="ultralytics"):
     import jax
     import jax.numpy as jnp
 
     from jaxyolo.objectives.tal import TalLossConfig, yolov8_loss
     from jaxyolo.testing import oracles
     from jaxyolo.testing.oracles.ultralytics import make_v8_criterion
+    from jaxyolo.testing.oracles.yolov9 import make_yolov9_criterion
 
     preds, targets = make_inputs(batch=batch, img=img, nc=nc, max_gt=max_gt, seed=seed)
-    config = TalLossConfig(reg_max=REG_MAX)
+    config = TalLossConfig(reg_max=REG_MAX, preset=preset)
 
-    @jax.jit
-    def step(p, t):
-        return jax.value_and_grad(lambda q: yolov8_loss(q, t, strides=STRIDES, config=config), has_aux=True)(p)
+    def make_step(batched):
+        @jax.jit
+        def step(p, t):
+            def f(q):
+                return yolov8_loss(q, t, strides=STRIDES, config=config, batched=batched)
+
+            return jax.value_and_grad(f, has_aux=True)(p)
+
+        return step
 
     jpreds = [jnp.asarray(p) for p in preds]
-    ((jax_total, _), _), jax_ms, compile_s = time_jitted(step, jpreds, targets, repeats=repeats)
+    jtargets = jax.device_put(targets)
+    ((jax_total, _), _), jax_ms, compile_s, paths = time_loss_paths(make_step, jpreds, jtargets, repeats=repeats)
     floor_ms = gradient_floor_ms(jpreds, repeats=repeats)
 
     torch = oracles.torch()
-    crit = make_v8_criterion(strides=STRIDES, nc=nc, reg_max=REG_MAX)
-    leaves = [oracles.nhwc_to_torch(p, grad=True) for p in preds]
+    device = torch_device()
+    leaves = [oracles.nhwc_to_torch(p).to(device).requires_grad_(True) for p in preds]
     rows = targets.to_rows()
-    batch_dict = {
-        "batch_idx": oracles.tensor(rows[:, 0]),
-        "cls": oracles.tensor(rows[:, 1:2]),
-        "bboxes": oracles.tensor(rows[:, 2:6]),
-    }
+    if preset == "yolov9":
+        crit = to_torch_device(make_yolov9_criterion(strides=STRIDES, nc=nc, reg_max=REG_MAX), device)
+        crit.assigner.to(device)
+        target_rows = oracles.tensor(rows).to(device)
 
-    def torch_step():
-        for leaf in leaves:
-            leaf.grad = None
-        b, no = leaves[0].shape[:2]
-        cat = torch.cat([x.view(b, no, -1) for x in leaves], 2)
-        pd = {"boxes": cat[:, : 4 * REG_MAX], "scores": cat[:, 4 * REG_MAX :], "feats": leaves}
-        loss, _ = crit(pd, batch_dict)
-        total = loss.sum()
-        total.backward()
-        return float(total.item())
+        def torch_step():
+            for leaf in leaves:
+                leaf.grad = None
+            total, _ = crit(leaves, target_rows)
+            total.backward()
+            return float(total.item())
+    else:
+        crit = to_torch_device(make_v8_criterion(strides=STRIDES, nc=nc, reg_max=REG_MAX), device)
+        batch_dict = {
+            "batch_idx": oracles.tensor(rows[:, 0]).to(device),
+            "cls": oracles.tensor(rows[:, 1:2]).to(device),
+            "bboxes": oracles.tensor(rows[:, 2:6]).to(device),
+        }
 
-    torch_total, torch_ms = time_torch(torch_step, repeats=repeats)
+        def torch_step():
+            for leaf in leaves:
+                leaf.grad = None
+            b, no = leaves[0].shape[:2]
+            cat = torch.cat([x.view(b, no, -1) for x in leaves], 2)
+            pd = {"boxes": cat[:, : 4 * REG_MAX], "scores": cat[:, 4 * REG_MAX :], "feats": leaves}
+            loss, _ = crit(pd, batch_dict)
+            total = loss.sum()
+            total.backward()
+            return float(total.item())
 
-    mem = assigner_memory(batch=batch, img=img, nc=nc, max_boxes=100)
-    mem_txt = (
-        f"assigner at (B, M, A) = ({mem['B']}, {mem['M']}, {mem['A']}): XLA temp "
-        f"{mem['temp_mb']:.0f} MB (one f32 (B,M,A) array = {mem['bma_f32_mb']:.1f} MB; linear in B, M, A)"
-        if mem["temp_mb"] is not None
-        else f"one f32 (B,M,A) array = {mem['bma_f32_mb']:.1f} MB"
-    )
-    return result("yolov8", targets, jax_ms=jax_ms, torch_ms=torch_ms, compile_s=compile_s, floor_ms=floor_ms,
-                  jax_total=jax_total, torch_total=torch_total, extra=f" (M={max_gt}); {mem_txt}")
+    torch_total, torch_ms = time_torch(torch_step, repeats=repeats, device=device)
 
+    extra = f" (M={max_gt})"
+    if preset == "ultralytics":
+        mem = assigner_memory(batch=batch, img=img, nc=nc, max_boxes=100)
+        extra += (
+            f"; assigner at (B, M, A) = ({mem['B']}, {mem['M']}, {mem['A']}): XLA temp "
+            f"{mem['temp_mb']:.0f} MB (one f32 (B,M,A) array = {mem['bma_f32_mb']:.1f} MB; linear in B, M, A)"
+            if mem["temp_mb"] is not None
+            else f"; one f32 (B,M,A) array = {mem['bma_f32_mb']:.1f} MB"
+        )
+    family = "yolov9" if preset == "yolov9" else "yolov8"
+    return result(family, targets, jax_ms=jax_ms, torch_ms=torch_ms, compile_s=compile_s, floor_ms=floor_ms,
+                  jax_total=jax_total, torch_total=torch_total, paths=paths, torch_device=device, extra=extra)
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

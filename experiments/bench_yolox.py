@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from _bench_common import gradient_floor_ms, random_targets, result, time_jitted, time_torch
+from _bench_common import gradient_floor_ms, random_targets, result, time_loss_paths, time_torch, to_torch_device, torch_device
 
 STRIDES = (8, 16, 32)
 
@@ -40,29 +40,46 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
     preds, targets = make_inputs(batch=batch, img=img, nc=nc, max_gt=max_gt, seed=seed)
     config = YoloxLossConfig()
 
-    @jax.jit
-    def step(p, t):
-        return jax.value_and_grad(lambda q: yolox_loss(q, t, strides=STRIDES, config=config), has_aux=True)(p)
+    def make_step(batched):
+        @jax.jit
+        def step(p, t):
+            def f(q):
+                return yolox_loss(q, t, strides=STRIDES, config=config, batched=batched)
+
+            return jax.value_and_grad(f, has_aux=True)(p)
+
+        return step
 
     jpreds = [jnp.asarray(p) for p in preds]
-    ((jax_total, _), _), jax_ms, compile_s = time_jitted(step, jpreds, targets, repeats=repeats)
+    jtargets = jax.device_put(targets)
+    ((jax_total, _), _), jax_ms, compile_s, paths = time_loss_paths(make_step, jpreds, jtargets, repeats=repeats)
     floor_ms = gradient_floor_ms(jpreds, repeats=repeats)
 
-    oracles.torch()  # shim + import before building the upstream objects
-    head = oyolox.yolox_head(nc, strides=STRIDES)
-    labels = oracles.tensor(oyolox.yolox_labels(targets, (img, img))[0])
+    torch = oracles.torch()  # shim + import before building the upstream objects
+    device = torch_device()
+    head = to_torch_device(oyolox.yolox_head(nc, strides=STRIDES), device)
+    labels = oracles.tensor(oyolox.yolox_labels(targets, (img, img))[0]).to(device)
+    leaves = [oracles.nhwc_to_torch(p, grad=True).to(device).detach().requires_grad_(True) for p in preds]
 
     def torch_step():
-        leaves, outputs, origin, xs, ys, es = oyolox._forward_inputs(head, preds, STRIDES)
-        loss = head.get_losses(None, xs, ys, es, labels, outputs, origin, dtype=leaves[0].dtype)[0]
+        # YOLOXHead.forward's training branch on the head outputs (oracles.yolox._forward_inputs)
+        outputs, xs, ys, es = [], [], [], []
+        for k, (leaf, stride) in enumerate(zip(leaves, STRIDES)):
+            leaf.grad = None
+            output = torch.cat([leaf[:, :4], leaf[:, 4:5], leaf[:, 5:]], 1)
+            output, grid = head.get_output_and_grid(output, k, stride, leaf.type())
+            xs.append(grid[:, :, 0])
+            ys.append(grid[:, :, 1])
+            es.append(torch.zeros(1, grid.shape[1], device=leaf.device).fill_(stride).type_as(leaf))
+            outputs.append(output)
+        loss = head.get_losses(None, xs, ys, es, labels, torch.cat(outputs, 1), [], dtype=leaves[0].dtype)[0]
         loss.backward()
         return float(loss)
 
-    torch_total, torch_ms = time_torch(torch_step, repeats=repeats)
+    torch_total, torch_ms = time_torch(torch_step, repeats=repeats, device=device)
 
     return result("yolox", targets, jax_ms=jax_ms, torch_ms=torch_ms, compile_s=compile_s, floor_ms=floor_ms,
-                  jax_total=jax_total, torch_total=torch_total)
-
+                  jax_total=jax_total, torch_total=torch_total, paths=paths, torch_device=device)
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -70,7 +70,15 @@ from jaxyolo.boxes import ciou_alpha_denominator, xyxy_height
 
 PRESETS = ("ultralytics", "yolov9")
 
-__all__ = ["PRESETS", "TalAssignment", "assign_core", "class_scores_at_gts", "task_aligned", "task_aligned_details"]
+__all__ = [
+    "PRESETS",
+    "TalAssignment",
+    "assign_core",
+    "class_scores_at_gts",
+    "resolve_batched",
+    "task_aligned",
+    "task_aligned_details",
+]
 
 
 class TalAssignment(NamedTuple):
@@ -153,14 +161,44 @@ def _in_gt_mask(anchor_points, gt_bboxes, gt_mask, *, preset, stride_val, eps=1e
     )
 
 
-def _topk_mask(metric, k):
-    """``(B, M, A)`` bool membership of the ``k`` largest entries along A."""
+def _topk_mask(metric, k, *, batched=False):
+    """``(B, M, A)`` bool membership of the ``k`` largest entries along A
+    (equal values: the lower index first, as ``jax.lax.top_k``).
+
+    ``batched=False``: ``jax.lax.top_k`` and a scatter of its indices (fast
+    on CPU).  ``batched=True``: ``k`` rounds of "take the first maximum of
+    what is not taken yet", two row reductions per round over the whole
+    ``(B, M, A)`` block and no sort or scatter (XLA may lower a top-k over
+    ``A`` to a sort of every row on accelerators).  The same set for any
+    non-NaN ``metric``.
+    """
     b, m, a = metric.shape
     k = min(k, a)
+    if batched:
+        iota = jnp.arange(a, dtype=jnp.int32)
+        taken = jnp.zeros(metric.shape, bool)
+        for _ in range(k):
+            rest = jnp.where(taken, -jnp.inf, metric)
+            top = jnp.max(rest, axis=-1, keepdims=True)
+            first = jnp.min(jnp.where(rest == top, iota, a), axis=-1, keepdims=True)
+            taken = taken | (iota == first)
+        return taken
     _, idx = jax.lax.top_k(metric, k)  # (B, M, k)
     bi = jnp.arange(b)[:, None, None]
     mi = jnp.arange(m)[None, :, None]
     return jnp.zeros(metric.shape, bool).at[bi, mi, idx].set(True)
+
+
+def resolve_batched(batched):
+    """The ``batched`` option of the losses: ``None`` means "auto from the
+    backend", i.e. ``jax.default_backend()`` at trace time: ``True`` (the
+    accelerator path) on ``"gpu"``/``"tpu"``, ``False`` (the CPU path) on
+    ``"cpu"``.  A bool is returned as given."""
+    if batched is None:
+        return jax.default_backend() != "cpu"
+    if not isinstance(batched, bool):
+        raise TypeError(f"batched must be True, False or None (auto from the backend), got {batched!r}")
+    return batched
 
 
 def _first_argmax(x, axis):
@@ -215,6 +253,7 @@ def assign_core(
     preset: str = "ultralytics",
     topk2: int | None = None,
     strides=(8, 16, 32),
+    batched: bool = False,
 ):
     """The assigner on precomputed class scores, with compact outputs.
 
@@ -222,6 +261,8 @@ def assign_core(
       bbox_scores: ``(B, M, A)`` probability of GT ``m``'s class at anchor
         ``a`` (:func:`class_scores_at_gts`).  Other arguments as
         :func:`task_aligned` (already validated, float32, no gradient).
+      batched: the top-k of the accelerator path (see :func:`_topk_mask`);
+        identical results.
 
     Returns:
       dict: ``target_labels (B, A)``, ``target_bboxes (B, A, 4)``, ``norm
@@ -246,7 +287,7 @@ def assign_core(
     else:
         topk_metric = jnp.where(mask_in, align, 0.0)
 
-    mask_pos = _topk_mask(topk_metric, topk) & mask_in & valid
+    mask_pos = _topk_mask(topk_metric, topk, batched=batched) & mask_in & valid
 
     # An anchor claimed by several GTs goes to the GT of highest overlap.
     multi = jnp.sum(mask_pos, axis=1, keepdims=True) > 1  # (B, 1, A)
@@ -254,7 +295,7 @@ def assign_core(
     is_best = jnp.arange(m)[None, :, None] == best[:, None, :]
     mask_pos = jnp.where(multi, is_best, mask_pos)
     if preset == "ultralytics" and topk2 is not None and topk2 != topk:
-        mask_pos = mask_pos & _topk_mask(jnp.where(mask_pos, align, 0.0), topk2)
+        mask_pos = mask_pos & _topk_mask(jnp.where(mask_pos, align, 0.0), topk2, batched=batched)
 
     fg_mask = jnp.any(mask_pos, axis=1)  # (B, A)
     target_gt_idx = _first_argmax(mask_pos.astype(jnp.int8), axis=1)  # 0 where not fg

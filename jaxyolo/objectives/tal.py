@@ -68,7 +68,7 @@ import numpy as np
 
 from jaxyolo import _checks
 from jaxyolo._math import clamp
-from jaxyolo.assign.tal import PRESETS, assign_core, class_scores_at_gts
+from jaxyolo.assign.tal import PRESETS, assign_core, class_scores_at_gts, resolve_batched
 from jaxyolo.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchor_points, xywh2xyxy
 from jaxyolo.losses import bce_with_logits, focal_loss, varifocal_loss
 from jaxyolo.targets import Targets
@@ -405,12 +405,13 @@ def _split(x, sizes, axis=1):
     return out
 
 
-def assign_for_loss(d, targets: Targets, *, strides, config: TalLossConfig):
+def assign_for_loss(d, targets: Targets, *, strides, config: TalLossConfig, batched: bool = False):
     """Run the assigner inside the loss (no gradient): returns :func:`assign_core`'s dict.
 
     The class probabilities enter only at each GT's class: the ``(B, M, A)``
     logits are gathered per level and the sigmoid applied to those, which is
     elementwise-identical to upstream's ``sigmoid`` of the whole ``(B, A, nc)``.
+    ``batched`` selects the top-k of the accelerator path (same results).
     """
     nc = d["pred_scores"][0].shape[-1]
     gt_bboxes, gt_mask = gt_pixels(targets, d["imgsz"])
@@ -431,10 +432,19 @@ def assign_for_loss(d, targets: Targets, *, strides, config: TalLossConfig):
         preset=config.preset,
         topk2=config.topk2,
         strides=strides,
+        batched=batched,
     )
 
 
-def yolov8_loss(preds, targets: Targets, *, strides=(8, 16, 32), config: TalLossConfig = TalLossConfig(), nc=None):
+def yolov8_loss(
+    preds,
+    targets: Targets,
+    *,
+    strides=(8, 16, 32),
+    config: TalLossConfig = TalLossConfig(),
+    nc=None,
+    batched: bool | None = None,
+):
     """YOLOv8 (ultralytics 8.4.190) / YOLOv9 detection loss.
 
     Args:
@@ -446,6 +456,13 @@ def yolov8_loss(preds, targets: Targets, *, strides=(8, 16, 32), config: TalLoss
       strides: pixels per cell of each level (Detect's ``stride``).
       config: :class:`TalLossConfig`.
       nc: optional number of classes, to check the channel count exactly.
+      batched: assignment path.  ``None`` (default): auto from the backend,
+        ``jax.default_backend()`` at trace time (the accelerator path on
+        gpu/tpu, the CPU path on cpu); ``True``/``False`` force the
+        accelerator/CPU path.  Both give identical values, gradients and
+        assignments.  Here the accelerator path takes each GT's top-k
+        anchors by k rounds of row maxima over the whole ``(B, M, A)``
+        block instead of ``lax.top_k`` + scatter.
 
     Returns:
       ``(total, components)``: ``total`` scalar float32 ``(box + cls + dfl) * B``
@@ -470,7 +487,7 @@ def yolov8_loss(preds, targets: Targets, *, strides=(8, 16, 32), config: TalLoss
     # boxes the assigner scores, and they are reused by the dense terms below.
     d = _decode(preds, strides, reg_max, for_loss=True)
     sizes = d["sizes"]
-    a = assign_for_loss(d, targets, strides=strides, config=config)
+    a = assign_for_loss(d, targets, strides=strides, config=config, batched=resolve_batched(batched))
     fg_mask, norm, target_labels = a["fg_mask"], a["norm"], a["target_labels"]
     target_bboxes = a["target_bboxes"] / d["stride"]  # grid units
     # sum of the one-hot target scores (each foreground anchor holds its norm once)

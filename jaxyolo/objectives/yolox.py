@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxyolo import _checks
+from jaxyolo.assign.tal import resolve_batched
 from jaxyolo.assign.yolox import SIMOTA_VARIANTS, VARIANT_DEFAULTS, simota
 from jaxyolo.boxes import make_anchor_points
 from jaxyolo.losses import bce_with_logits, yolox_iou_loss
@@ -193,6 +194,7 @@ def yolox_loss(
     config: YoloxLossConfig = YoloxLossConfig(),
     image_size=None,
     return_assignment: bool = False,
+    batched: bool | None = None,
 ):
     """YOLOX loss with SimOTA assignment, as ``YOLOXHead.get_losses`` (yolox 0.3.0).
 
@@ -205,6 +207,12 @@ def yolox_loss(
       image_size: ``(H, W)`` input pixels; default ``(H_l * s_l, W_l * s_l)``,
         which must agree across levels.
       return_assignment: also return the batched :class:`SimOTAAssignment`.
+      batched: assignment path.  ``None`` (default): auto from the backend,
+        ``jax.default_backend()`` at trace time (the accelerator path on
+        gpu/tpu, the CPU path on cpu); ``True``/``False`` force the
+        accelerator/CPU path.  Both give identical values, gradients and
+        assignments.  Here the accelerator path runs SimOTA on all images at
+        once (``vmap``), the CPU path one image at a time (``lax.map``).
 
     Returns:
       ``(total, components)``: ``total`` scalar float32; ``components`` a dict
@@ -231,10 +239,12 @@ def yolox_loss(
     gt_boxes = targets.boxes * scale  # (B, M, 4) pixels
     gt_mask = targets.mask
 
-    # One image at a time (``lax.map``, not ``vmap``): every (M, A) and
-    # (A_l, nc) intermediate of SimOTA is then a per-image buffer of ~1-2 MB
-    # that XLA reuses across images and calls, instead of a (B, M, A) array
-    # freshly allocated (and page-faulted) on every call: ~25% faster on CPU.
+    # CPU path: one image at a time (``lax.map``): every (M, A) and (A_l, nc)
+    # intermediate of SimOTA is then a per-image buffer of ~1-2 MB that XLA
+    # reuses across images and calls, instead of a (B, M, A) array freshly
+    # allocated (and page-faulted) on every call: ~25% faster on CPU.  On an
+    # accelerator that loop serialises B small problems, so the accelerator
+    # path maps the same function with ``vmap`` (one (B, M, A) problem).
     # The class logits enter as the raw (A_l, 5 + nc) level rows and are
     # sliced inside, so no (B, A_l, nc) copy is made either.
     level_rows = tuple(p.reshape(batch, p.shape[1] * p.shape[2], 5 + nc) for p in preds)
@@ -258,7 +268,11 @@ def yolox_loss(
             strict_conflicts=config.strict_conflicts,
         )
 
-    assignment = jax.lax.map(assign_one, (boxes, obj, level_rows, gt_boxes, targets.classes, gt_mask))
+    per_image = (boxes, obj, level_rows, gt_boxes, targets.classes, gt_mask)
+    if resolve_batched(batched):
+        assignment = jax.vmap(assign_one)(per_image)
+    else:
+        assignment = jax.lax.map(assign_one, per_image)
     fg = assignment.fg_mask  # (B, A)
     gt_idx = jnp.maximum(assignment.matched_gt, 0)  # (B, A), 0 for background (masked away)
     matched_boxes = jnp.take_along_axis(gt_boxes, gt_idx[..., None], axis=1)  # (B, A, 4)
