@@ -206,3 +206,119 @@ test_hostile_predictions_yolov5_jit_vs_eager = _hostile_test("yolov5", eager=Tru
 test_hostile_predictions_yolox_jit_vs_eager = _hostile_test("yolox", eager=True)
 test_hostile_predictions_yolov8_ultralytics_jit_vs_eager = _hostile_test("yolov8", eager=True)
 test_hostile_predictions_yolov8_yolov9_jit_vs_eager = _hostile_test("yolov9", eager=True)
+
+
+# --- the issue's reproductions and the targets' side ------------------------------------------------
+
+
+def _one_gt(batch=1):
+    return Targets.from_rows(np.array([[0, 0, 0.5, 0.5, 0.3, 0.3]]), batch_size=batch, max_boxes=2)
+
+
+def test_yolox_overflowing_box_logit_is_finite_with_finite_gradients():
+    """The issue's repro: exp(88) * 8 overflows float32.  Off the foreground nothing
+    changes; on a positive the box is infinitely large: IoU 0, finite gradients."""
+
+    def loss(p, t):
+        total, comps, assignment = jaxyolo.yolox_loss(p, t, strides=(8,), return_assignment=True)
+        return total, (comps["iou"], assignment.fg_mask)
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    t = _one_gt()
+    clean = jnp.zeros((1, 8, 8, 6))
+    (v0, (iou0, fg)), g0 = grad([clean], t)
+    (v, _), g = grad([clean.at[0, 0, 0, 2].set(88.0)], t)  # anchor (0, 0): no candidate
+    assert float(v) == float(v0) == pytest.approx(49.90388, rel=1e-6)
+    np.testing.assert_array_equal(np.asarray(g[0]), np.asarray(g0[0]))
+    np.testing.assert_array_equal(np.asarray(g[0][0, 0, 0]), [0, 0, 0, 0, 0.5, 0])
+
+    y, x = divmod(int(np.flatnonzero(np.asarray(fg[0]))[0]), 8)
+    for channel, value in ((2, 88.0), (3, 1e4), (0, 3e38), (1, -3e38), (2, np.inf)):
+        (v, (iou, _)), g = grad([clean.at[0, y, x, channel].set(value)], t)
+        assert np.isfinite(v) and _finite(g), (channel, value, v)
+        assert float(iou) > float(iou0)  # that positive now has IoU 0 (loss 1 - 0**2)
+        np.testing.assert_array_equal(np.asarray(g[0][0, y, x, :4]), 0.0)  # no gradient beyond the bound
+    # a NaN box at a positive makes its cost NaN: SimOTA passes it over (as
+    # upstream's topk does) and the value may stay finite -- never its gradients
+    (v, _), g = grad([clean.at[0, y, x, 2].set(np.nan)], t)
+    assert not np.isfinite(v) or _finite(g)
+    (v, _), _ = grad([clean.at[0, y, x, 4].set(np.nan)], t)  # a NaN that reaches the loss stops the run
+    assert np.isnan(v)
+
+
+def test_yolox_nan_box_channel_off_the_foreground_changes_nothing():
+    grad = jax.jit(jax.value_and_grad(lambda p, t: jaxyolo.yolox_loss(p, t, strides=(8,))[0]))
+    for t in (_one_gt(), Targets.from_rows(np.zeros((0, 6)), batch_size=1, max_boxes=2)):
+        clean = jnp.zeros((1, 8, 8, 6))
+        v0, g0 = grad([clean], t)
+        for channel in range(4):
+            v, g = grad([clean.at[0, 0, 0, channel].set(np.nan)], t)
+            assert float(v) == float(v0)
+            np.testing.assert_array_equal(np.asarray(g[0]), np.asarray(g0[0]))
+
+
+@pytest.mark.parametrize("cell", [(0, 0, 0, 0), (0, 3, 5, 2), (1, 7, 7, 1)])
+def test_yolov5_nan_in_unassigned_anchor_is_ignored_everywhere(cell):
+    """The issue: cell (0, 0), anchor 0 of image 0 was special (unused slots gather it)."""
+    anchors = V5_ANCHORS[:1]
+    grad = jax.jit(jax.value_and_grad(lambda p, t: jaxyolo.yolov5_loss(p, t, anchors=anchors, strides=(8,))[0]))
+    empty = Targets.from_rows(np.zeros((0, 6)), batch_size=2, max_boxes=2)
+    clean = jnp.zeros((2, 8, 8, 3, 7))
+    v0, g0 = grad([clean], empty)
+    for channel in (0, 1, 2, 3, 5, 6):
+        v, g = grad([clean.at[cell + (channel,)].set(np.nan)], empty)
+        assert float(v) == float(v0) == pytest.approx(8 * np.log(2), rel=1e-6)
+        np.testing.assert_array_equal(np.asarray(g[0]), np.asarray(g0[0]))
+
+
+@pytest.mark.parametrize("nc", [None, 3])
+@pytest.mark.parametrize("cls_id,match", [(2.0**31, "not representable as int32"), (1e20, "int32"),
+                                          (0.5, "non-negative integers"), (-1.0, "non-negative integers")])
+def test_from_rows_refuses_class_ids_beyond_int32(nc, cls_id, match):
+    rows = np.array([[0, cls_id, 0.5, 0.5, 0.1, 0.1]])
+    with pytest.raises(ValueError, match=match):
+        Targets.from_rows(rows, batch_size=1, max_boxes=2, nc=nc)
+
+
+def test_from_rows_keeps_the_largest_int32_class_id():
+    t = Targets.from_rows(np.array([[0, 2.0**31 - 1, 0.5, 0.5, 0.1, 0.1]]), batch_size=1, max_boxes=2)
+    assert int(t.classes[0, 0]) == 2**31 - 1
+
+
+def test_nan_if_poisons_value_and_gradients():
+    f = jax.value_and_grad(lambda x, c: nan_if(c, jnp.sum(x**2)))
+    v, g = f(jnp.arange(3.0), False)
+    assert float(v) == 5.0
+    np.testing.assert_array_equal(np.asarray(g), [0.0, 2.0, 4.0])
+    v, g = jax.jit(f)(jnp.arange(3.0), True)
+    assert np.isnan(v) and np.all(np.isnan(g))
+
+
+def _losses_for_targets():
+    for name in ("yolov5", "yolox", "yolov8", "yolov9"):
+        yield name, CASES[name][4], [jnp.asarray(p) for p in _preds(name, 0)]
+
+
+@pytest.mark.parametrize("bad", ["class", "box"])
+def test_invalid_targets_under_jit_poison_value_and_every_checked_gradient(bad):
+    """An out-of-range class id (or a NaN box in a real row) under jit: value NaN and
+    gradients NaN, so a loop that checks either stops; a padded row is ignored."""
+    rows = np.array([[0, 1, 0.5, 0.5, 0.3, 0.3], [1, 0, 0.25, 0.5, 0.2, 0.4]])
+    t = Targets.from_rows(rows, batch_size=B, max_boxes=M)
+    if bad == "class":
+        poisoned = Targets(t.boxes, t.classes.at[1, 0].set(NC), t.mask)
+        padded = Targets(t.boxes, t.classes.at[1, 2].set(NC), t.mask)
+    else:
+        poisoned = Targets(t.boxes.at[1, 0, 2].set(jnp.nan), t.classes, t.mask)
+        padded = Targets(t.boxes.at[1, 2, 2].set(jnp.nan), t.classes, t.mask)
+    for name, always_read, preds in _losses_for_targets():
+        f = _compiled(name)[0]  # the property tests' compiled functions
+        v0, g0 = f(preds, t)
+        v, g = f(preds, poisoned)
+        assert np.isnan(v), name
+        for level in g:  # objectness (TAL: class) channels see the NaN cotangent at every anchor
+            assert np.all(np.isnan(np.asarray(level)[..., always_read])), name
+        v, g = f(preds, padded)
+        assert float(v) == float(v0), name
+        for a, b in zip(g, g0):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
