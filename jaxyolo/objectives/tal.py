@@ -227,8 +227,9 @@ def _level_terms(static, f, mean, lse, anchors, labels, scores, tbox, fg):
 
     The class sum uses ``(1 - t) x + softplus(-x) = softplus(x) - t x`` (exact
     for one-hot targets): ``sum(w softplus(x)) - sum(s w[label] x[label])``,
-    with the softplus summed over whole rows against a constant channel mask
-    (no slice of the class channels is materialised).  The DFL per side is
+    with the softplus summed over the class channels (a slice XLA fuses into
+    the reduction; a 0/1 channel mask over whole rows would let ``0 * NaN`` of a
+    DFL logit in).  The DFL per side is
     upstream's ``CE(t_l) w_l + CE(t_r) w_r`` with ``CE(t) = lse - x[t]``.
     """
     return _level_terms_fwd(static, f, mean, lse, anchors, labels, scores, tbox, fg)[0]
@@ -247,12 +248,13 @@ def _level_terms_fwd(static, f, mean, lse, anchors, labels, scores, tbox, fg):
     cls_sum = jnp.float32(0.0)
     if with_cls:
         cw = _channel_weights(static, f.shape[-1])
-        sp = jnp.maximum(f, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(f)))
+        fc = f[..., 4 * reg_max :]
+        sp = jnp.maximum(fc, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(fc)))
         at_label = jnp.take_along_axis(f, (labels + 4 * reg_max)[..., None], axis=-1)[..., 0]
         label_w = jnp.asarray(cw)[labels + 4 * reg_max]
-        # where, not "* 0": a NaN/inf DFL logit must not reach the class sum
-        is_cls = np.arange(f.shape[-1]) >= 4 * reg_max
-        cls_sum = jnp.sum(jnp.where(is_cls, sp * cw, 0.0)) - jnp.sum(scores * label_w * at_label)
+        # the class channels only (not whole rows times a 0/1 channel mask: 0 * NaN
+        # would let a NaN/inf DFL logit reach the class sum); XLA fuses the slice
+        cls_sum = jnp.sum(sp * cw[4 * reg_max :]) - jnp.sum(scores * label_w * at_label)
     tl, wl, wr = _dfl_bins(bbox2dist(anchors, tbox, reg_max - 1), reg_max)
     side = jnp.arange(4, dtype=jnp.int32) * reg_max
     xl = jnp.take_along_axis(f, tl + side, axis=-1)
