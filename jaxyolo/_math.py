@@ -8,6 +8,12 @@
   denominator is replaced *before* dividing, so neither the value nor the
   gradient of a masked-out entry can be NaN/inf.  Where the denominator is
   non-zero they are bit-identical to plain division.
+* ``nan_if`` poisons a loss with NaN in its value *and* its gradients (a
+  ``jnp.where(cond, nan, x)`` would leave the gradients at exactly 0, which a
+  loop that checks only gradients would silently train on).
+* ``clamp_keep_nan`` bounds an overflow-prone input (YOLOX's ``exp`` decode)
+  while letting NaN through, so a NaN prediction is never turned into a
+  plausible number.
 """
 
 from __future__ import annotations
@@ -61,3 +67,24 @@ def _atan_ratio_jvp(primals, tangents):
     inv = 1.0 / (scale * (ws * ws + hs * hs))
     inv = jnp.where(ok & jnp.isfinite(inv), inv, 0.0)  # primal-only mask: transposable
     return atan_ratio(w, h), (hs * inv) * dw - (ws * inv) * dh
+
+
+def nan_if(cond, x):
+    """``x`` where ``cond`` is False; NaN with NaN gradients where it is True.
+
+    ``x * where(cond, nan, 1)``: bit-identical to ``x`` when ``cond`` is False
+    (the gradient is the incoming one times exactly 1), and the cotangent of
+    every input of ``x`` becomes NaN when ``cond`` is True.
+    """
+    x = jnp.asarray(x)
+    return x * jnp.where(cond, jnp.nan, 1.0).astype(x.dtype)
+
+
+def clamp_keep_nan(x, lo=None, hi=None):
+    """:func:`clamp` that propagates NaN (as ``torch.clamp``) instead of mapping
+    it to ``lo``; ``±inf`` are clamped.  Zero gradient outside ``[lo, hi]``."""
+    if lo is not None:
+        x = jnp.where(x < lo, lo, x)
+    if hi is not None:
+        x = jnp.where(x > hi, hi, x)
+    return x

@@ -51,7 +51,8 @@ class Targets:
             normalised cxcywh, the layout yolov5/ultralytics/YOLOX collate into.
           batch_size: B, the number of images (images without rows are empty).
           max_boxes: M, the padded number of boxes per image.
-          nc: if given, class ids must lie in ``[0, nc)``.
+          nc: if given, class ids must lie in ``[0, nc)``.  With or without
+            it, class ids must be non-negative integers representable as int32.
           truncate: keep the first ``max_boxes`` rows of an image that has
             more, instead of raising.
 
@@ -72,6 +73,12 @@ class Targets:
         for name, col in (("image_index", image), ("class", cls_ids)):
             if np.any(col != np.round(col)) or np.any(col < 0):
                 raise ValueError(f"rows[:, {0 if name == 'image_index' else 1}] ({name}) must hold non-negative integers")
+        int32_max = np.iinfo(np.int32).max
+        if np.any(cls_ids > int32_max):
+            raise ValueError(
+                f"rows[:, 1] (class) holds {int(cls_ids.max())}, which is not representable as int32 "
+                f"(class ids must lie in [0, {int32_max}])"
+            )
         if np.any(image >= batch_size):
             raise ValueError(f"rows hold image_index {int(image.max())} but batch_size is {batch_size}")
         if nc is not None and np.any(cls_ids >= nc):
@@ -117,7 +124,9 @@ class Targets:
 
         Class ids are data, so they can only be checked when concrete: outside
         ``jit`` an id outside ``[0, nc)`` in a real row is a ``ValueError``.
-        Under ``jit`` use :meth:`invalid_classes` to poison the loss instead.
+        Under ``jit`` use :meth:`invalid` to poison the loss instead.  Non-finite
+        boxes in real rows are never raised here (jit and eager agree): the
+        losses poison themselves through :meth:`invalid`.
         """
         if not isinstance(self, Targets):
             raise TypeError(f"{name} must be a jaxyolo.Targets, got {type(self).__name__}")
@@ -145,3 +154,14 @@ class Targets:
         (where it cannot raise), so a bad label is never silently trained on.
         """
         return jnp.any(self.mask & ((self.classes < 0) | (self.classes >= nc)))
+
+    def invalid(self, nc: int) -> jax.Array:
+        """Scalar bool: some real row has a class id outside ``[0, nc)`` or a
+        non-finite box coordinate.
+
+        ``from_rows`` refuses both; this catches targets built directly (or
+        corrupted on device).  The losses pass it to :func:`jaxyolo._math.nan_if`,
+        so their value *and* gradients are NaN.
+        """
+        bad_box = jnp.any(self.mask & ~jnp.all(jnp.isfinite(self.boxes), axis=-1))
+        return self.invalid_classes(nc) | bad_box

@@ -71,3 +71,34 @@ def gt_rows(draw, *, batch, max_count, img_hw, nc, strides=STRIDES, sides=(), mi
             cls = draw(st.integers(0, nc - 1))
             rows.append([b, cls, (x1 + x2) / 2 / w_img, (y1 + y2) / 2 / h_img, (x2 - x1) / w_img, (y2 - y1) / h_img])
     return np.asarray(rows, np.float32).reshape(-1, 6)
+
+
+#: Hostile prediction values: NaN, infinities, large and float32-edge logits.
+HOSTILE_VALUES = (float("nan"), float("inf"), float("-inf"), 1e4, -1e4, 3e38, -3e38)
+
+
+@st.composite
+def corruptions(draw, *, grids, channels, anchors=1, batch=1, max_count=3):
+    """1..max_count ``(level, b, y, x, anchor, channel, value)`` tuples: where in a
+    list of ``(B, H_l, W_l[, na], C)`` prediction levels to write a hostile value.
+
+    Args:
+      grids: ``(H_l, W_l)`` per level; channels: ``C``; anchors: ``na`` (1 for
+      anchor-free layouts, where the anchor entry is 0 and unused).
+    """
+    out = []
+    for _ in range(draw(st.integers(1, max_count))):
+        level = draw(st.integers(0, len(grids) - 1))
+        h, w = grids[level]
+        out.append(
+            (
+                level,
+                draw(st.integers(0, batch - 1)),
+                draw(st.integers(0, h - 1)),
+                draw(st.integers(0, w - 1)),
+                draw(st.integers(0, anchors - 1)),
+                draw(st.integers(0, channels - 1)),
+                draw(st.sampled_from(HOSTILE_VALUES)),
+            )
+        )
+    return out

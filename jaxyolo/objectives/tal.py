@@ -53,8 +53,13 @@ Upstream quirks, named once:
   ``VFL(cls logits, target_scores, one-hot target labels).sum() / tss``.
 * ``class_weights`` (ultralytics 8.4 ``model.class_weights``) multiplies the
   per-class BCE before the sum.
-* bad class ids cannot raise under ``jit``: the total becomes NaN instead
-  (outside ``jit`` they raise ``ValueError``).
+* bad class ids cannot raise under ``jit``: the total and its gradients
+  become NaN instead (outside ``jit`` they raise ``ValueError``); so does a
+  non-finite box in a real row (:meth:`Targets.invalid`).
+* hostile DFL logits: the box and DFL terms read the foreground only, as
+  upstream.  Their background entries are selected away (double where, also
+  inside the fused backward), so a NaN/inf in the DFL channels of an anchor
+  outside the foreground changes neither the value nor any gradient.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxyolo import _checks
-from jaxyolo._math import clamp
+from jaxyolo._math import clamp, nan_if
 from jaxyolo.assign.tal import PRESETS, assign_core, class_scores_at_gts, resolve_batched
 from jaxyolo.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchor_points, xywh2xyxy
 from jaxyolo.losses import bce_with_logits, focal_loss, varifocal_loss
@@ -194,7 +199,12 @@ def _dfl_bins(target, reg_max):
 
 
 def _box_sum(mean, anchors, tbox, weight, fg, convention):
-    """``sum_fg (1 - CIoU(decode(mean), tbox)) * weight`` over one level (grid units)."""
+    """``sum_fg (1 - CIoU(decode(mean), tbox)) * weight`` over one level (grid units).
+
+    Background entries get a benign box pair before the IoU (double where), so
+    the gradient w.r.t. ``mean`` is exactly 0 there whatever they hold."""
+    mean = jnp.where(fg[..., None], mean, 1.0)
+    tbox = jnp.where(fg[..., None], tbox, jnp.concatenate([anchors - 1.0, anchors + 1.0], axis=-1))
     iou = bbox_iou(dist2bbox(mean, anchors, xywh=False), tbox, xywh=False, kind="ciou", convention=convention)
     return jnp.sum(jnp.where(fg, (1.0 - iou) * weight, 0.0))
 
@@ -217,8 +227,9 @@ def _level_terms(static, f, mean, lse, anchors, labels, scores, tbox, fg):
 
     The class sum uses ``(1 - t) x + softplus(-x) = softplus(x) - t x`` (exact
     for one-hot targets): ``sum(w softplus(x)) - sum(s w[label] x[label])``,
-    with the softplus summed over whole rows against a constant channel mask
-    (no slice of the class channels is materialised).  The DFL per side is
+    with the softplus summed over the class channels (a slice XLA fuses into
+    the reduction; a 0/1 channel mask over whole rows would let ``0 * NaN`` of a
+    DFL logit in).  The DFL per side is
     upstream's ``CE(t_l) w_l + CE(t_r) w_r`` with ``CE(t) = lse - x[t]``.
     """
     return _level_terms_fwd(static, f, mean, lse, anchors, labels, scores, tbox, fg)[0]
@@ -237,16 +248,19 @@ def _level_terms_fwd(static, f, mean, lse, anchors, labels, scores, tbox, fg):
     cls_sum = jnp.float32(0.0)
     if with_cls:
         cw = _channel_weights(static, f.shape[-1])
-        sp = jnp.maximum(f, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(f)))
+        fc = f[..., 4 * reg_max :]
+        sp = jnp.maximum(fc, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(fc)))
         at_label = jnp.take_along_axis(f, (labels + 4 * reg_max)[..., None], axis=-1)[..., 0]
         label_w = jnp.asarray(cw)[labels + 4 * reg_max]
-        cls_sum = jnp.sum(sp * cw) - jnp.sum(scores * label_w * at_label)
+        # the class channels only (not whole rows times a 0/1 channel mask: 0 * NaN
+        # would let a NaN/inf DFL logit reach the class sum); XLA fuses the slice
+        cls_sum = jnp.sum(sp * cw[4 * reg_max :]) - jnp.sum(scores * label_w * at_label)
     tl, wl, wr = _dfl_bins(bbox2dist(anchors, tbox, reg_max - 1), reg_max)
     side = jnp.arange(4, dtype=jnp.int32) * reg_max
     xl = jnp.take_along_axis(f, tl + side, axis=-1)
     xr = jnp.take_along_axis(f, tl + 1 + side, axis=-1)
     dfl = (lse - xl) * wl + (lse - xr) * wr  # (B, A_l, 4)
-    dfl_sum = jnp.sum(jnp.mean(dfl, axis=-1) * scores)
+    dfl_sum = jnp.sum(jnp.where(fg, jnp.mean(dfl, axis=-1) * scores, 0.0))  # not 0 * NaN off fg
     box_sum = _box_sum(mean, anchors, tbox, scores, fg, convention)
     return (cls_sum, box_sum, dfl_sum), (f, mean, lse, anchors, labels, scores, tbox, fg)
 
@@ -261,19 +275,20 @@ def _level_terms_bwd(static, res, ct):
     g_mean = jax.grad(_box_sum)(mean, anchors, tbox, scores, fg, convention) * g_box
     g_side = jnp.broadcast_to((g_dfl / 4) * scores[..., None], (b, a, 4))
     tl, wl, wr = _dfl_bins(bbox2dist(anchors, tbox, reg_max - 1), reg_max)
-    small = (g_mean, g_side, mean, lse, tl, wl, wr, labels, g_cls * scores)
+    small = (g_mean, g_side, mean, lse, tl, wl, wr, labels, g_cls * scores, fg)
     # The barrier keeps XLA from sharing the recomputed exp/softmax with the
     # forward's (which would materialise them) and from recomputing the small
     # per-side factors once per bin inside the big fusion.
     f, small = jax.lax.optimization_barrier((f, small))
-    g_mean, g_side, mean, lse, tl, wl, wr, labels, g_target = small
+    g_mean, g_side, mean, lse, tl, wl, wr, labels, g_target, fg = small
     cw = _channel_weights(static, c)
     bins = jnp.arange(reg_max, dtype=jnp.int32)
 
     def dfl_grad(x):  # x (B, A_l, 4, reg_max)
         p = jnp.exp(x - lse[..., None])
         t = jnp.where(bins == tl[..., None], wl[..., None], 0.0) + jnp.where(bins == tl[..., None] + 1, wr[..., None], 0.0)
-        return g_side[..., None] * (p - t) + g_mean[..., None] * p * (bins.astype(p.dtype) - mean[..., None])
+        g = g_side[..., None] * (p - t) + g_mean[..., None] * p * (bins.astype(p.dtype) - mean[..., None])
+        return jnp.where(fg[..., None, None], g, 0.0)  # off fg: 0, not 0 * NaN
 
     def cls_grad(x, chan, w):  # x (B, A_l, ...) class logits, chan their class ids, w their weights
         if not with_cls:
@@ -524,6 +539,6 @@ def yolov8_loss(
 
     box, cls, dfl = loss_box * config.box, loss_cls * config.cls, loss_dfl * config.dfl
     total = (box + cls + dfl) * b
-    total = jnp.where(targets.invalid_classes(nc), jnp.nan, total)
+    total = nan_if(targets.invalid(nc), total)
     components = {k: jax.lax.stop_gradient(v) for k, v in (("box", box), ("cls", cls), ("dfl", dfl))}
     return total, components

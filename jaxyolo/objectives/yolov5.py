@@ -47,7 +47,13 @@ Gains are used as given.  yolov5's ``train.py`` rescales ``box``, ``cls`` and
 ``ComputeLoss``; :func:`scale_yolov5_hyp` applies the same rescaling.
 
 Bad class ids: outside ``jit`` a real row with a class outside ``[0, nc)`` is a
-``ValueError``; under ``jit`` (where it cannot raise) the total is NaN.
+``ValueError``; under ``jit`` (where it cannot raise) the total and its
+gradients are NaN (also for a non-finite box in a real row: :meth:`Targets.invalid`).
+
+Hostile predictions: only the candidates' rows and the objectness channel are
+read, as upstream.  Unused candidate slots gather cell 0 and are zeroed before
+use (double where), so a NaN/inf in any cell that is no candidate changes
+neither the value nor any gradient.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxyolo import _checks
+from jaxyolo._math import nan_if
 from jaxyolo.assign.yolov5 import build_targets_stacked, yolov5_anchors_and_strides
 from jaxyolo.boxes import bbox_iou
 from jaxyolo.losses import bce_with_logits, focal_loss, masked_mean, smooth_bce
@@ -284,7 +291,7 @@ def yolov5_loss(preds, targets: Targets, *, anchors, strides, config: Yolov5Loss
     lobj = lobj * config.obj
     lcls = lcls * config.cls
     total = (lbox + lobj + lcls) * bsz
-    total = jnp.where(targets.invalid_classes(nc), jnp.nan, total)
+    total = nan_if(targets.invalid(nc), total)
     components = {k: jax.lax.stop_gradient(v) for k, v in (("box", lbox), ("obj", lobj), ("cls", lcls))}
     return total, components, {"balance": jax.lax.stop_gradient(new_balance)}
 
@@ -340,7 +347,9 @@ def _losses(preds, lt, config: Yolov5LossConfig, nc: int):
         cells.append(cell + base)  # index into the concatenation of all levels' cells
         sizes.append(ncell)
         base += ncell
-    ps = jnp.stack(rows)  # (L, K, 5 + nc) prediction subsets
+    # (L, K, 5 + nc) prediction subsets; unused slots (which read cell 0) are
+    # zeroed: double where, so a NaN there reaches neither value nor gradient
+    ps = jnp.where(mask[..., None], jnp.stack(rows), 0.0)
     cell = jnp.stack(cells)  # (L, K)
 
     # Box regression (grid units).  Unused slots get a benign unit box.

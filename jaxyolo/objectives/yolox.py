@@ -34,8 +34,14 @@ Upstream notes (reproduced where they affect numbers):
   disabled) but the IoU in the input dtype; everything here is float32.
 * **CPU fallback**: upstream retries the assignment on the CPU after a CUDA OOM
   (and then calls ``.cuda()``); there is no such path here, nor a need for it.
-* **Bad class ids** under ``jit`` make ``total`` NaN (see
-  :meth:`Targets.invalid_classes`); outside ``jit`` they raise ``ValueError``.
+* **Bad class ids** under ``jit`` make ``total`` and its gradients NaN (see
+  :meth:`Targets.invalid`, which also flags non-finite boxes in real rows);
+  outside ``jit`` bad class ids raise ``ValueError``.
+* **Overflow**: the decode bounds the raw box logits (``|x|, |y| <= 2**40``
+  cells, ``w, h <= exp(32)`` strides) before ``exp`` and the stride product,
+  far beyond any image (upstream's values and gradients there are IoU 0 and
+  0 to float32 precision), so a finite logit never decodes to ``inf`` and an
+  overflowing box has IoU 0 with finite gradients.  NaN logits pass through.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxyolo import _checks
+from jaxyolo._math import clamp_keep_nan, nan_if
 from jaxyolo.assign.tal import resolve_batched
 from jaxyolo.assign.yolox import SIMOTA_VARIANTS, VARIANT_DEFAULTS, simota
 from jaxyolo.boxes import make_anchor_points
@@ -54,6 +61,12 @@ from jaxyolo.losses import bce_with_logits, yolox_iou_loss
 from jaxyolo.targets import Targets
 
 __all__ = ["YoloxLossConfig", "yolox_loss", "yolox_decode"]
+
+#: Bounds of the raw box logits in the decode: any box beyond them is far
+#: outside every image (IoU 0), and ``xy``, ``wh`` and the IoU's products stay
+#: finite for strides up to ``2**10`` (see the module docstring).
+_XY_LIMIT = 2.0**40
+_LOG_WH_LIMIT = 32.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +138,15 @@ def _decode(preds, strides, channels):
     raw = jnp.concatenate([p[..., :channels].reshape(batch, p.shape[1] * p.shape[2], channels) for p in preds], axis=1)
     grid, stride = make_anchor_points([p.shape[1:3] for p in preds], strides, offset=0.0)
     stride = stride[:, 0]
-    xy = (raw[..., :2] + grid[None]) * stride[None, :, None]
-    wh = jnp.exp(raw[..., 2:4]) * stride[None, :, None]
-    return raw, jnp.concatenate([xy, wh], axis=-1), grid, stride
+    return raw, _decode_boxes(raw[..., :4], grid, stride), grid, stride
+
+
+def _decode_boxes(raw_box, grid, stride):
+    """``(B, A, 4)`` raw ``(x, y, w, h)`` logits -> cxcywh pixels, overflow-bounded."""
+    raw_xy = clamp_keep_nan(raw_box[..., :2], -_XY_LIMIT, _XY_LIMIT)
+    xy = (raw_xy + grid[None]) * stride[None, :, None]
+    wh = jnp.exp(clamp_keep_nan(raw_box[..., 2:4], hi=_LOG_WH_LIMIT)) * stride[None, :, None]
+    return jnp.concatenate([xy, wh], axis=-1)
 
 
 def yolox_decode(preds, *, strides=(8, 16, 32)):
@@ -282,7 +301,11 @@ def yolox_loss(
     num_gts = jnp.sum(gt_mask).astype(jnp.float32)
     denom = jnp.maximum(num_fg, 1.0)
 
-    iou_term = yolox_iou_loss(boxes, jax.lax.stop_gradient(matched_boxes))  # (B, A)
+    # double where: the background's raw box logits (NaN, inf, anything) are
+    # zeroed before the decode, so no 0 * NaN reaches their gradient (``boxes``
+    # itself only feeds the assignment, under stop_gradient)
+    boxes_fg = _decode_boxes(jnp.where(fg[..., None], raw[..., :4], 0.0), grid, stride)
+    iou_term = yolox_iou_loss(boxes_fg, jax.lax.stop_gradient(matched_boxes))  # (B, A)
     loss_iou = jnp.sum(jnp.where(fg, iou_term, 0.0)) / denom
     loss_obj = jnp.sum(bce_with_logits(obj, fg.astype(jnp.float32))) / denom
     # The class loss touches positives only: gather them into a static (B, P, nc)
@@ -310,13 +333,14 @@ def yolox_loss(
             [matched_boxes[..., :2] / s - grid[None], jnp.log(matched_boxes[..., 2:] / s + 1e-8)], axis=-1
         )
         l1_target = jax.lax.stop_gradient(l1_target)
-        loss_l1 = jnp.sum(jnp.where(fg[..., None], jnp.abs(raw[..., :4] - l1_target), 0.0)) / denom
+        raw_fg = jnp.where(fg[..., None], raw[..., :4], l1_target)  # double where, as the IoU term
+        loss_l1 = jnp.sum(jnp.where(fg[..., None], jnp.abs(raw_fg - l1_target), 0.0)) / denom
     else:
         loss_l1 = jnp.zeros((), jnp.float32)
 
     iou_weighted = config.reg_weight * loss_iou
     total = iou_weighted + loss_obj + loss_cls + loss_l1
-    total = jnp.where(targets.invalid_classes(nc), jnp.nan, total)
+    total = nan_if(targets.invalid(nc), total)
     components = {
         "iou": iou_weighted,
         "obj": loss_obj,
