@@ -55,11 +55,7 @@ def test_data_parallel_equals_one_device_and_resumes_across_device_counts(tmp_pa
         from jaxyolo.train import TrainConfig, train
         assert jax.device_count() == 4, jax.devices()
         q = dict(progress=False, log=lambda *_: None, log_every=1)
-        # SGD: the runs differ only in the order of the global-batch
-        # reductions (~1e-7); AdamW's first steps (m / sqrt(v) of gradients
-        # near 0) amplify that to 1.9e-4 in the loss by step 6 (seen on CI).
-        cfg = TrainConfig(img_size=64, batch=8, epochs=1, train_size=64, val_size=8, max_boxes=8, warmup_min_steps=2, max_steps=6,
-                          optimizer="sgd", lr0=0.01)
+        cfg = TrainConfig(img_size=64, batch=8, epochs=1, train_size=64, val_size=8, max_boxes=8, warmup_min_steps=2, max_steps=6)
         r4 = train(cfg, {str(tmp_path / 'd4')!r}, devices=4, **q)
         # the 4-device run continues on 1 device to the end of the epoch (8 steps)
         rest = train(dataclasses.replace(cfg, max_steps=None), {str(tmp_path / 'd4')!r}, resume=True, devices=1, **q)
@@ -75,18 +71,25 @@ def test_data_parallel_equals_one_device_and_resumes_across_device_counts(tmp_pa
     """, devices=4)
     r = json.loads(out.strip().splitlines()[-1])
     assert len(r["r4"]) == len(r["r1"]) == 6
-    np.testing.assert_allclose(r["r4"][0], r["r1"][0], rtol=1e-6)
-    np.testing.assert_allclose(r["r4"], r["r1"], rtol=1e-4)
+    # Step 1 (same parameters, same batch) differs only in the order of the
+    # global-batch reductions: 1.2e-6 seen.  Later steps start from parameters
+    # that differ by that rounding, and the discrete assignment (an anchor
+    # entering or leaving a GT's top-k) turns it into jumps: 1.9e-4 (AdamW)
+    # and 8.5e-4 (SGD) by step 6 seen on two CPUs.  A per-device BatchNorm or
+    # loss normalisation, or a summed instead of averaged gradient, is off by
+    # percents from step 1 or 2.
+    np.testing.assert_allclose(r["r4"][0], r["r1"][0], rtol=1e-5)
+    np.testing.assert_allclose(r["r4"], r["r1"], rtol=2e-3)
     # steps.csv (log_every=1: one row per step) agrees value by value.
     for i, (a, b) in enumerate(zip(_rows(tmp_path / "d4" / "steps.csv")[:6], _rows(tmp_path / "full" / "steps.csv"))):
         assert a["step"] == b["step"]
         for k in ("loss", "box", "cls", "dfl", "lr"):
-            np.testing.assert_allclose(float(a[k]), float(b[k]), rtol=1e-4, err_msg=k)
+            np.testing.assert_allclose(float(a[k]), float(b[k]), rtol=1e-5 if i == 0 else 2e-3, err_msg=k)
         # The gradient norm (a diagnostic, ~1e3 this early) sums ~1e5 squared
         # gradients in a different order across 4 devices: 2e-4 seen.
         np.testing.assert_allclose(float(a["grad_norm"]), float(b["grad_norm"]), rtol=1e-3)
     assert len(r["rest"]) == 2
-    np.testing.assert_allclose(r["rest"], r["full"][6:], rtol=1e-4)
+    np.testing.assert_allclose(r["rest"], r["full"][6:], rtol=2e-3)
     assert r["map_rest"] == pytest.approx(r["map_full"], abs=0.02)
     assert "batch=6 is not divisible by the 4 devices" in r["err"]
     assert not (tmp_path / "bad").exists()  # nothing written before the inputs validated
@@ -239,8 +242,7 @@ def test_multi_process_run_equals_one_device(tmp_path):
         import json, sys
         import jax
         from jaxyolo.train import TrainConfig, train
-        cfg = TrainConfig(img_size=64, batch=8, epochs=1, train_size=64, val_size=8, max_boxes=8, warmup_min_steps=2, max_steps=4,
-                          optimizer="sgd", lr0=0.01)  # SGD: see the 4-device test
+        cfg = TrainConfig(img_size=64, batch=8, epochs=1, train_size=64, val_size=8, max_boxes=8, warmup_min_steps=2, max_steps=4)
         r = train(cfg, sys.argv[1], progress=False, log=lambda *_: None, log_every=1)
         print(json.dumps([jax.process_index(), jax.process_count(), jax.device_count(), r["losses"]]))
     """)
@@ -255,7 +257,8 @@ def test_multi_process_run_equals_one_device(tmp_path):
     assert sorted(g[0] for g in got) == [0, 1] and all(g[1:3] == [2, 4] for g in got)
     one = json.loads(_run_script(code.replace("sys.argv[1]", repr(str(tmp_path / "one")))).strip().splitlines()[-1])
     assert one[1:3] == [1, 1]
-    np.testing.assert_allclose(got[0][3], one[3], rtol=1e-4)
+    np.testing.assert_allclose(got[0][3][0], one[3][0], rtol=1e-5)
+    np.testing.assert_allclose(got[0][3], one[3], rtol=2e-3)  # see the 4-device test
     assert got[0][3] == got[1][3]
     # Only process 0 wrote the logs; the checkpoint is one, written jointly.
     assert len(_rows(tmp_path / "mh" / "steps.csv")) == 4
