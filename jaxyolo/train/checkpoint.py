@@ -7,7 +7,11 @@ values, history, class names).  orbax writes into a temporary directory and
 renames it when complete, so a process killed in the middle of a save leaves
 the previous checkpoint as the latest one.  Every process calls
 :func:`save`/:func:`restore` (orbax coordinates a multi-host write: the
-replicated arrays and the JSON are written once).
+replicated arrays and the JSON are written once).  Saves are asynchronous:
+:func:`save` returns once the arrays are copied to host memory (so the next
+step may reuse their device buffers) and the files are written by a
+background thread while training goes on; the next save, and
+:func:`finish` at the end of a run, wait for it.
 
 :class:`RunLock` makes a run folder single-writer: a second process training
 into the same ``--out`` is refused with the holder's pid and host.
@@ -22,7 +26,7 @@ import os
 import socket
 from pathlib import Path
 
-__all__ = ["RunLock", "RunLockedError", "manager", "save", "restore", "restore_meta", "find_run_dir"]
+__all__ = ["RunLock", "RunLockedError", "manager", "save", "finish", "restore", "restore_meta", "find_run_dir"]
 
 
 class RunLockedError(RuntimeError):
@@ -76,12 +80,13 @@ def manager(out_dir: Path):
 
     return ocp.CheckpointManager(
         (Path(out_dir) / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True),
     )
 
 
 def save(mngr, state, ema, meta: dict):
-    """Write checkpoint ``state["step"]`` (atomically: see the module docstring)."""
+    """Start writing checkpoint ``state["step"]`` (atomically, in the
+    background: see the module docstring)."""
     import orbax.checkpoint as ocp
 
     step = int(state["step"])
@@ -90,7 +95,12 @@ def save(mngr, state, ema, meta: dict):
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), ema=ocp.args.StandardSave(ema), meta=ocp.args.JsonSave(meta)),
         force=True,
     )
+
+
+def finish(mngr):
+    """Wait for the last checkpoint write and release the manager."""
     mngr.wait_until_finished()
+    mngr.close()
 
 
 def restore(mngr, step: int, **templates):

@@ -123,6 +123,7 @@ def train(
             if primary:
                 stack.enter_context(ckpt.RunLock(out_dir))
             mngr = ckpt.manager(out_dir)
+        stack.callback(ckpt.finish, mngr)  # before the lock goes (callbacks run last-in first-out)
         if primary:
             (out_dir / "config.json").write_text(config.dumps())
 
@@ -224,6 +225,7 @@ def train(
                 plot_results(out_dir, names)
             except Exception as e:  # a plot must never lose a finished run
                 log(f"warning: could not write results.png: {e}")
+            mngr.wait_until_finished()  # final.json only after the last checkpoint is on disk
             ckpt.write_json(out_dir / "final.json", {**last_eval, "steps": done, "seconds": secs})
         log(f"val mAP@0.5 = {last_eval['map50']:.4f}   mAP@0.5:0.95 = {last_eval['map50_95']:.4f}   ({done} steps, {secs:.0f} s)")
         log(f"run folder: {out_dir}  (checkpoints/, metrics.csv, steps.csv, results.png, final.json)")
