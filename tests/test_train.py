@@ -139,3 +139,12 @@ def test_config_validation():
         TrainConfig(img_size=100)
     with pytest.raises(ValueError, match="batch"):
         TrainConfig(batch=0)
+
+
+def test_train_config_augment_defaults_are_the_augment_module_defaults():
+    """TrainConfig keeps the augmentation strengths flat (one CLI flag each);
+    its defaults must be AugmentConfig's (ultralytics' defaults)."""
+    from jaxyolo.data.augment import AugmentConfig
+
+    assert TrainConfig().augment_config() == AugmentConfig()
+    assert TrainConfig().augment_config(mosaic=False) == dataclasses.replace(AugmentConfig(), mosaic=0.0)
