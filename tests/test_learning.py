@@ -3,10 +3,10 @@ val mAP@0.5, and the default recipe's first epochs must raise mAP.
 
 The thresholds were set from measured runs of exactly these configs (CPU,
 jax 0.10.2, float32; the value measured is next to each), with a margin for
-other CPUs' XLA codegen.  Each run is pico on the embedded shapes set, 600
-steps of batch 16, evaluated once at the end (EMA model, 200 val images),
-augmented by horizontal flips only: in 600 steps mosaic's harder samples cost
-more than they teach (yolov8 reached 0.098 with the default augmentations).
+other CPUs' XLA codegen.  Each run is pico on the embedded shapes set, 400
+steps of batch 16 (~60 s on the 2-core CPU), evaluated once at the end (EMA model, 200 val images),
+augmented by horizontal flips only: in a few hundred steps mosaic's harder samples cost
+more than they teach (yolov8 reached 0.098 in 600 steps with the default augmentations).
 The default recipe, mosaic included, is the second test's subject.
 """
 
@@ -21,11 +21,12 @@ FLIP_ONLY = dict(mosaic=0.0, translate=0.0, scale=0.0, hsv_h=0.0, hsv_s=0.0, hsv
 
 # loss: (image side, measured val mAP@0.5 of this config, threshold)
 CASES = {
-    "yolov8": (96, 0.501, 0.40),
-    "yolox": (96, 0.461, 0.36),
+    "yolov8": (96, 0.346, 0.24),
+    "yolox": (96, 0.274, 0.19),
     # YOLOv5's anchor rule needs objects of anchor size: at 96 px most shapes
-    # are smaller than every yolov5s anchor/4 (0.09 measured), so 128 px.
-    "yolov5": (128, 0.218, 0.15),
+    # are smaller than every yolov5s anchor/4 (0.09 measured at 600 steps), so 128 px.
+    # (600 steps reached 0.501, 0.461 and 0.218: 400 keeps each run near a minute.)
+    "yolov5": (128, 0.078, 0.05),
 }
 
 
@@ -33,9 +34,9 @@ CASES = {
 @pytest.mark.parametrize("loss", sorted(CASES))
 def test_short_run_reaches_map(loss, tmp_path):
     img, measured, threshold = CASES[loss]
-    cfg = TrainConfig(loss=loss, img_size=img, batch=16, train_size=1200, val_size=200, epochs=8, max_boxes=12, eval_every=8, **FLIP_ONLY)
+    cfg = TrainConfig(loss=loss, img_size=img, batch=16, train_size=800, val_size=200, epochs=8, max_boxes=12, eval_every=8, **FLIP_ONLY)
     res = train(cfg, tmp_path / loss, **QUIET)
-    assert res["steps"] == 600
+    assert res["steps"] == 400
     assert res["map50"] >= threshold, f"{loss}: val mAP@0.5 {res['map50']:.3f} < {threshold} (measured {measured})"
 
 
