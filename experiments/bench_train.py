@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--devices", type=int, default=None)
+    p.add_argument("--train-size", type=int, default=None, help="embedded train images (default: the trainer's 3000; fewer for large image sizes)")
     p.add_argument("--no-augment", action="store_true", help="turn every augmentation off (default: the trainer's defaults, mosaic on)")
     args = p.parse_args(argv)
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     base = TrainConfig()
     if args.tiny:
         base = dataclasses.replace(base, model="pico", img_size=64, batch=8)
-    over = {k: v for k, v in (("model", args.model), ("img_size", args.img_size), ("batch", args.batch)) if v is not None}
+    over = {k: v for k, v in (("model", args.model), ("img_size", args.img_size), ("batch", args.batch), ("train_size", args.train_size)) if v is not None}
     total = args.warmup + args.steps
     if args.steps % args.log_every or args.warmup % args.log_every:
         raise SystemExit("error: --steps and --warmup must be multiples of --log-every (the loop is timed between log points)")
