@@ -70,6 +70,22 @@ def gradient_floor_ms(preds, *, repeats):
 PATH_NAMES = {False: "cpu path", True: "accelerator path"}
 
 
+def loss_step_maker(loss, **kwargs):
+    """``make_step(batched)`` for :func:`time_loss_paths`: the jitted
+    ``value_and_grad`` (w.r.t. the predictions) of ``loss(preds, targets,
+    batched=batched, **kwargs)``, whose output is ``(total, aux...)``."""
+    import jax
+
+    def make_step(batched):
+        @jax.jit
+        def step(p, t):
+            return jax.value_and_grad(lambda q: loss(q, t, batched=batched, **kwargs), has_aux=True)(p)
+
+        return step
+
+    return make_step
+
+
 def time_loss_paths(make_step, *args, repeats, two_paths=True):
     """Time ``make_step(batched)`` (a jitted step) on the path that ``batched=None``
     picks on this backend and, for a loss with two paths, on the other one too.

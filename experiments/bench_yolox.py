@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from _bench_common import gradient_floor_ms, random_targets, result, time_loss_paths, time_torch, to_torch_device, torch_device
+from _bench_common import gradient_floor_ms, loss_step_maker, random_targets, result, time_loss_paths, time_torch, to_torch_device, torch_device
 
 STRIDES = (8, 16, 32)
 
@@ -40,15 +40,7 @@ def bench(*, batch=16, img=640, nc=80, max_gt=32, repeats=10, seed=0):
     preds, targets = make_inputs(batch=batch, img=img, nc=nc, max_gt=max_gt, seed=seed)
     config = YoloxLossConfig()
 
-    def make_step(batched):
-        @jax.jit
-        def step(p, t):
-            def f(q):
-                return yolox_loss(q, t, strides=STRIDES, config=config, batched=batched)
-
-            return jax.value_and_grad(f, has_aux=True)(p)
-
-        return step
+    make_step = loss_step_maker(yolox_loss, strides=STRIDES, config=config)
 
     jpreds = [jnp.asarray(p) for p in preds]
     jtargets = jax.device_put(targets)
