@@ -8,10 +8,16 @@ renames it when complete, so a process killed in the middle of a save leaves
 the previous checkpoint as the latest one.  Every process calls
 :func:`save`/:func:`restore` (orbax coordinates a multi-host write: the
 replicated arrays and the JSON are written once).  Saves are asynchronous:
-:func:`save` returns once the arrays are copied to host memory (so the next
-step may reuse their device buffers) and the files are written by a
-background thread while training goes on; the next save, and
-:func:`finish` at the end of a run, wait for it.
+:func:`save` returns once the arrays are copied to host memory, and orbax
+writes the files in the background while training goes on; the next save,
+and :func:`finish` at the end of a run, wait for it.
+
+The arrays are packed (:func:`pack`): each item is one flat array per dtype,
+and ``meta["layout"]`` lists every tensor's path, shape and dtype in
+order, which :func:`restore` checks against the model restoring it (and
+which a reader without jaxyolo needs to cut the arrays apart).  orbax spends
+about 1.5 ms of host CPU per array written; for the ~1000 tensors of a train
+state that was 2 s a checkpoint, taken from the training steps.
 
 :class:`RunLock` makes a run folder single-writer: a second process training
 into the same ``--out`` is refused with the holder's pid and host.
@@ -24,9 +30,10 @@ import fcntl
 import json
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["RunLock", "RunLockedError", "manager", "save", "finish", "restore", "restore_meta", "find_run_dir"]
+__all__ = ["RunLock", "RunLockedError", "manager", "layout", "pack", "unpack", "save", "finish", "Writer", "CheckpointError", "restore", "restore_meta", "find_run_dir"]
 
 
 class RunLockedError(RuntimeError):
@@ -84,17 +91,51 @@ def manager(out_dir: Path):
     )
 
 
-def save(mngr, state, ema, meta: dict):
-    """Start writing checkpoint ``state["step"]`` (atomically, in the
+def layout(tree) -> list:
+    """``[[path, shape, dtype], ...]`` of ``tree``'s leaves in flatten order
+    (``path`` as :func:`jax.tree_util.keystr`): how :func:`pack` lays them out."""
+    import jax
+
+    return [[jax.tree_util.keystr(p), list(x.shape), str(x.dtype)] for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def pack(tree) -> dict:
+    """``tree``'s leaves as one flat array per dtype (``{dtype: (n,)}``, the
+    leaves raveled and concatenated in flatten order); traceable.  See the
+    module docstring for why checkpoints are packed."""
+    import jax
+    import jax.numpy as jnp
+
+    groups = {}
+    for x in jax.tree.leaves(tree):
+        groups.setdefault(str(x.dtype), []).append(jnp.ravel(x))
+    return {dt: jnp.concatenate(xs) for dt, xs in groups.items()}
+
+
+def unpack(packed: dict, template):
+    """Inverse of :func:`pack`: ``template``'s structure, shapes and dtypes
+    filled from ``packed``; traceable."""
+    import jax
+    import numpy as np
+
+    leaves, treedef = jax.tree.flatten(template)
+    offsets = dict.fromkeys(packed, 0)
+    out = []
+    for x in leaves:
+        dt, n = str(x.dtype), int(np.prod(x.shape))
+        out.append(packed[dt][offsets[dt]:offsets[dt] + n].reshape(x.shape))
+        offsets[dt] += n
+    return jax.tree.unflatten(treedef, out)
+
+
+def save(mngr, step: int, items: dict, meta: dict):
+    """Write checkpoint ``step``: ``items`` maps names to :func:`pack` ed
+    arrays, ``meta`` is JSON (atomically, orbax's file writes in the
     background: see the module docstring)."""
     import orbax.checkpoint as ocp
 
-    step = int(state["step"])
-    mngr.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), ema=ocp.args.StandardSave(ema), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+    args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+    mngr.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=True)
 
 
 def finish(mngr):
@@ -103,14 +144,69 @@ def finish(mngr):
     mngr.close()
 
 
+class Writer:
+    """Checkpoints of one training run, in the packed layout.
+
+    ``Writer(mngr, state, ema)`` compiles the :func:`pack` of trees shaped
+    like ``state`` and ``ema`` on a background thread (while the first steps
+    train).  ``save(step, state, ema, meta)`` dispatches the pack (an
+    on-device copy, so the next steps may donate the originals) and starts
+    :func:`save`, with ``meta["layout"]`` each item's :func:`layout`, which
+    :func:`restore` checks.  It returns in milliseconds, on the calling
+    thread: every process of a multi-host run saves at the same point of its
+    sequence of collectives.
+    """
+
+    def __init__(self, mngr, state, ema):
+        import jax
+
+        self.mngr = mngr
+        items = {"state": state, "ema": ema}
+        self._layouts = {k: layout(v) for k, v in items.items()}
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), items)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="jaxyolo-checkpoint-compile")
+        self._pack = pool.submit(lambda: jax.jit(lambda t: {k: pack(v) for k, v in t.items()}).lower(abstract).compile())
+        pool.shutdown(wait=False)
+
+    def save(self, step: int, state, ema, meta: dict):
+        packed = self._pack.result()({"state": state, "ema": ema})
+        save(self.mngr, step, packed, {**meta, "layout": self._layouts})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model and optimiser restoring it."""
+
+
 def restore(mngr, step: int, **templates):
-    """Restore the named items of checkpoint ``step``; each template is a
-    pytree of arrays whose shardings the restored arrays take (so a run saved
-    on 4 devices resumes on 1 and vice versa)."""
+    """Restore the named items of checkpoint ``step`` into the structure of
+    their templates: pytrees of replicated arrays whose sharding the
+    restored arrays take (so a run saved on 4 devices resumes on 1 and vice
+    versa).  A checkpoint of another model, optimiser or jaxyolo layout is a
+    :class:`CheckpointError` naming the first tensor that differs."""
+    import jax
     import orbax.checkpoint as ocp
 
-    args = {k: ocp.args.StandardRestore(t) for k, t in templates.items()}
-    return mngr.restore(step, args=ocp.args.Composite(**args))
+    where = f"checkpoint {step} in {mngr.directory}"
+    saved = restore_meta(mngr, step).get("layout")
+    if saved is None:
+        raise CheckpointError(f"{where} was written by an earlier jaxyolo (one orbax array per tensor); this version packs them (see jaxyolo.train.checkpoint): start a new run, or load it with the jaxyolo that wrote it")
+    abstract, rebuild = {}, {}
+    for name, t in templates.items():
+        mine = layout(t)
+        if saved.get(name) != mine:
+            theirs = saved.get(name) or []
+            diff = next(
+                (f"tensor {a[0]} is {tuple(a[1])} {a[2]} in the checkpoint, {b[0]} {tuple(b[1])} {b[2]} here" for a, b in zip(theirs, mine) if a != b),
+                f"{len(theirs)} tensors in the checkpoint, {len(mine)} here",
+            )
+            raise CheckpointError(f"{where}: its {name!r} does not fit this model/optimiser: {diff}")
+        sharding = jax.tree.leaves(t)[0].sharding
+        shapes = jax.eval_shape(pack, t)
+        abstract[name] = {dt: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for dt, a in shapes.items()}
+        out_shardings = jax.tree.map(lambda x: x.sharding, t)
+        rebuild[name] = jax.jit(lambda p, t=t: unpack(p, t), out_shardings=out_shardings)
+    got = mngr.restore(step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}))
+    return {name: rebuild[name](got[name]) for name in templates}
 
 
 def restore_meta(mngr, step: int) -> dict:

@@ -162,6 +162,7 @@ def train(
         if meta is not None:
             log(f"resumed {out_dir} at step {done} (epoch {epoch + 1}/{config.epochs}, batch {start + 1}/{spe})")
 
+        writer = ckpt.Writer(mngr, session.state, session.ema)
         logs = RunLogs(out_dir, session.names, done_step=done if resume else None, done_epoch=epoch if resume else None, enabled=primary)
         stack.callback(logs.close)
         state, ema = session.state, session.ema
@@ -204,12 +205,12 @@ def train(
                         log(f"epoch {epoch}: val mAP@0.5 {last_eval['map50']:.4f}  mAP@0.5:0.95 {last_eval['map50_95']:.4f}")
                 history.append({k2: erow.get(k2) for k2 in logs.epoch_fields})
                 logs.epoch_row(erow)
-                ckpt.save(mngr, state, ema, meta_now(epoch, 0))
+                writer.save(done, state, ema, meta_now(epoch, 0))
                 t_epoch = time.perf_counter()
             else:
                 fresh["epoch"], fresh["epoch_n"] = a["epoch"], a["epoch_n"]
                 if stopping:
-                    ckpt.save(mngr, state, ema, meta_now(ep, k + 1, a["epoch"], a["epoch_n"]))
+                    writer.save(done, state, ema, meta_now(ep, k + 1, a["epoch"], a["epoch_n"]))
             acc = jax.device_put(fresh, session.replicated)
         if bar is not None:
             bar.close()
