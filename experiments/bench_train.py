@@ -7,7 +7,8 @@
 Prints, for one config, on JAX's default backend:
 
 (a) the bare jitted train step, called back to back on one device-resident
-    batch (ms per step, blocked at the end);
+    batch (ms per step, blocked at the end), half of ``--steps`` before (b)
+    and half after, so that a drift of a shared machine's speed cancels;
 (b) the real loop, ``jaxyolo.train.train``: the input pipeline with its
     background prefetch, the on-device augmentation (mosaic on throughout,
     ``--no-augment`` for none), the EMA, the logging (every
@@ -77,26 +78,37 @@ def main(argv=None) -> int:
     val_data = load_embedded("val", img_size=cfg.img_size, size=cfg.batch)
     batches = TrainBatches(train_data, batch_size=cfg.batch, max_boxes=cfg.max_boxes, seed=cfg.seed)
 
-    # (b) the real loop first (its compile is in the warm-up), timed between log points.
+    # (a) the bare step: the loop's compiled function (one compile, shared by
+    # the loop's Session) on one device-resident batch, timed in two halves,
+    # before and after (b), so that a drift of the machine's speed (a shared
+    # CPU) falls on both sides of the ratio alike.
+    from jaxyolo import parallel
+
+    session = Session(cfg, nc=train_data.nc, steps_per_epoch=batches.steps_per_epoch, mesh=parallel.make_mesh(args.devices), log_every=args.log_every)
+    batch = jax.device_put(batches.batch(0, 0, mosaic=cfg.mosaic_in_epoch(0)), session.batch_sharding)
+    carry = [session.state, session.ema, session.new_acc()]
+
+    def bare(n):
+        state, ema, acc = carry
+        jax.block_until_ready(acc)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            state, ema, acc = session.train_step(state, ema, acc, batch)
+        jax.block_until_ready(acc)
+        carry[:] = state, ema, acc
+        return (time.perf_counter() - t0) / n * 1e3
+
+    bare(2)  # compile + warm-up
+    before = bare(args.steps // 2)
+
+    # (b) the real loop, timed between its log points.
     with tempfile.TemporaryDirectory() as out:
         res = train(cfg, out, progress=False, log=lambda *_: None, data=(train_data, val_data), log_every=args.log_every, devices=args.devices)
     times = dict(res["log_times"])
     loop_ms = (times[total] - times[args.warmup]) / args.steps * 1e3
 
-    # (a) the bare step: the same compiled function on one device-resident batch.
-    from jaxyolo import parallel
-
-    session = Session(cfg, nc=train_data.nc, steps_per_epoch=batches.steps_per_epoch, mesh=parallel.make_mesh(args.devices), log_every=args.log_every)
-    batch = jax.device_put(batches.batch(0, 0, mosaic=cfg.mosaic_in_epoch(0)), session.batch_sharding)
-    state, ema, acc = session.state, session.ema, session.new_acc()
-    for _ in range(5):
-        state, ema, acc = session.train_step(state, ema, acc, batch)
-    jax.block_until_ready(acc)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, ema, acc = session.train_step(state, ema, acc, batch)
-    jax.block_until_ready(acc)
-    step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    after = bare(args.steps - args.steps // 2)
+    step_ms = (before * (args.steps // 2) + after * (args.steps - args.steps // 2)) / args.steps
 
     # (c) the pipeline alone: gather + prefetched transfer.
     positions = batches.positions(0, 0, epochs=10**6, max_steps=args.steps)
@@ -106,7 +118,7 @@ def main(argv=None) -> int:
             jax.block_until_ready(b)
     pipe_bps = args.steps / (time.perf_counter() - t0)
 
-    print(f"(a) bare jitted train step:  {step_ms:8.2f} ms/step")
+    print(f"(a) bare jitted train step:  {step_ms:8.2f} ms/step   ({before:.2f} before the loop, {after:.2f} after)")
     print(f"(b) real loop:               {loop_ms:8.2f} ms/step   (mean loss over the run {np.mean(res['losses']):.4g})")
     print(f"(c) input pipeline alone:    {pipe_bps:8.1f} batches/s ({1e3 / pipe_bps:.2f} ms/batch)")
     print(f"efficiency {step_ms / loop_ms:.3f}")
