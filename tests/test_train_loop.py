@@ -93,7 +93,9 @@ def test_data_parallel_equals_one_device_and_resumes_across_device_counts(tmp_pa
     # global-batch reductions: 1.2e-6 seen.  Later steps start from parameters
     # that differ by that rounding, and the discrete assignment (an anchor
     # entering or leaving a GT's top-k) turns it into jumps: 1.9e-4 (AdamW)
-    # and 8.5e-4 (SGD) by step 6 seen on two CPUs.  A per-device BatchNorm or
+    # and 8.5e-4 (SGD) by step 6 seen on two CPUs; one device drifts as far
+    # from itself when half its initial parameters move by one ulp (0.9e-4 to
+    # 3.5e-4, experiments/dp_drift.py).  A per-device BatchNorm or
     # loss normalisation, or a summed instead of averaged gradient, is off by
     # percents from step 1 or 2.
     np.testing.assert_allclose(r["r4"][0], r["r1"][0], rtol=1e-5)
