@@ -35,6 +35,7 @@ is the distance of the top-10 IoU sum to the nearest integer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -105,80 +106,104 @@ def _pool_windows(pools):
     return out
 
 
-def _record(up, family, x, rows, targets, dtype):
-    """Upstream train-mode forward + loss in ``dtype``: the max-pool inputs and
-    the assigner's deciding values, as float64 numpy/torch values."""
+@contextlib.contextmanager
+def _recording_assigners(rec):
+    """Patch upstream's TAL assigner and SimOTA matching (at class level, so an
+    assigner built inside ``run`` is caught) to record their deciding values."""
+    from ultralytics.utils.tal import TaskAlignedAssigner
+    from yolox.models.yolo_head import YOLOXHead
+
+    tal, simota = TaskAlignedAssigner.forward, YOLOXHead.dynamic_k_matching
+
+    def tal_recording(self, *args, **kw):
+        out = tal(self, *args, **kw)
+        pd_scores, pd_bboxes, anc, labels, gt, mask_gt = args
+        mask_pos, metric, overlaps = self.get_pos_mask(pd_scores, pd_bboxes, labels, gt, anc, mask_gt)
+        rec.update(metric=metric.double(), overlaps=overlaps.double(), mask_pos=mask_pos.bool(), mask_gt=mask_gt[..., 0].bool(),
+                   topk=self.topk, fg=out[3], gt_idx=out[4])
+        return out
+
+    def simota_recording(self, cost, ious, gt_classes, num_gt, fg_mask):
+        before = fg_mask.clone()
+        out = simota(self, cost, ious, gt_classes, num_gt, fg_mask)  # writes fg_mask in place
+        rec.setdefault("images", []).append((cost.detach().double(), ious.detach().double(), before, fg_mask.clone(), out[3].clone()))
+        return out
+
+    TaskAlignedAssigner.forward, YOLOXHead.dynamic_k_matching = tal_recording, simota_recording
+    try:
+        yield
+    finally:
+        TaskAlignedAssigner.forward, YOLOXHead.dynamic_k_matching = tal, simota
+
+
+def _record(up, run, dtype):
+    """``run(module, dtype)`` on a copy of ``up`` in ``dtype``: the inputs of
+    its max-pools and the assigner's deciding values."""
     from jaxyolo.models import upstream
 
     t = upstream.torch()
     m = copy.deepcopy(up).to(dtype)
-    m.train()
     pools, rec = [], {}
     hooks = [
         mod.register_forward_hook(lambda mod, inp, out: pools.append((mod, inp[0].detach())))
         for mod in m.modules()
         if isinstance(mod, t.nn.MaxPool2d)
     ]
-    xt = upstream.torch_images(x, family).to(dtype)
-    if family == "ultralytics":
-        from ultralytics.cfg import get_cfg
-
-        m.args = get_cfg()
-        m.criterion = m.init_criterion()
-        assigner = m.criterion.assigner
-        forward = assigner.forward
-
-        def recording(*args, **kw):
-            out = forward(*args, **kw)
-            pd_scores, pd_bboxes, anc, labels, gt, mask_gt = args
-            mask_pos, metric, overlaps = assigner.get_pos_mask(pd_scores, pd_bboxes, labels, gt, anc, mask_gt)
-            rec.update(metric=metric.double(), overlaps=overlaps.double(), mask_pos=mask_pos.bool(), mask_gt=mask_gt[..., 0].bool(),
-                       topk=assigner.topk, fg=out[3], gt_idx=out[4])
-            return out
-
-        assigner.forward = recording
-        batch = {"batch_idx": t.from_numpy(rows[:, 0]), "cls": t.from_numpy(rows[:, 1:2]), "bboxes": t.from_numpy(rows[:, 2:])}
-        m.loss(batch, m(xt))
-    elif family == "yolox":
-        from jaxyolo.testing.oracles.yolox import yolox_labels
-
-        head = m.head
-        matching = head.dynamic_k_matching
-        rec["images"] = []
-
-        def recording(cost, ious, gt_classes, num_gt, fg_mask):
-            rec["images"].append((cost.detach().double(), ious.detach().double(), fg_mask.clone()))
-            out = matching(cost, ious, gt_classes, num_gt, fg_mask)
-            rec["images"][-1] += (fg_mask.clone(), out[3].clone())
-            return out
-
-        head.dynamic_k_matching = recording
-        labels, _ = yolox_labels(targets, x.shape[1:3])
-        m(xt, t.from_numpy(labels).to(dtype))
-    else:  # yolov5: build_targets reads the targets and anchors only; no assignment on predictions
-        m(xt)
-    for h in hooks:
-        h.remove()
+    try:
+        with _recording_assigners(rec):
+            run(m, dtype)
+    finally:
+        for h in hooks:
+            h.remove()
     return pools, rec
+
+
+def train_step(family, x, rows, targets):
+    """The ``run`` of upstream's train-mode forward and its own loss (as the
+    step-parity test runs it) on ``x`` ``(B, H, W, 3)`` and ``rows``."""
+    from jaxyolo.models import upstream
+
+    t = upstream.torch()
+
+    def run(m, dtype):
+        m.train()
+        xt = upstream.torch_images(x, family).to(dtype)
+        if family == "ultralytics":
+            from ultralytics.cfg import get_cfg
+
+            m.args, m.criterion = get_cfg(), None  # a criterion of this module's dtype
+            batch = {"batch_idx": t.from_numpy(rows[:, 0]), "cls": t.from_numpy(rows[:, 1:2]), "bboxes": t.from_numpy(rows[:, 2:])}
+            m.loss(batch, m(xt))
+        elif family == "yolox":
+            from jaxyolo.testing.oracles.yolox import yolox_labels
+
+            labels, _ = yolox_labels(targets, x.shape[1:3])
+            m(xt, t.from_numpy(labels).to(dtype))
+        else:  # yolov5: build_targets reads the targets and anchors only; no assignment on predictions
+            m(xt)
+
+    return run
 
 
 def _sorted_desc(v):
     return v.sort(-1, descending=True).values
 
 
-def replay(up, family, x, rows, targets) -> Replay:
-    """Deciding gaps and float32 rounding errors of ``up``'s train step on
-    ``x`` / ``rows`` (see the module docstring)."""
+def replay(up, run, *, pools: bool = True) -> Replay:
+    """Deciding gaps and float32 rounding errors of ``run(module, dtype)`` (e.g.
+    :func:`train_step`) on copies of the upstream module ``up`` in float32 and
+    float64 (see the module docstring).  ``pools=False`` leaves the max-pools
+    out (a forward alone: the routing of their gradient does not matter)."""
     from jaxyolo.models import upstream
 
     t = upstream.torch()
-    p32, r32 = _record(up, family, x, rows, targets, t.float32)
-    p64, r64 = _record(up, family, x, rows, targets, t.float64)
-    out = Replay(upstream32=r32 if family == "ultralytics" else {})
-    if p64:
+    p32, r32 = _record(up, run, t.float32)
+    p64, r64 = _record(up, run, t.float64)
+    out = Replay(upstream32=r32)
+    if pools and p64:
         rooms = [_pool_room(t, x32, x64, k) for (x32, _), (x64, k) in zip(_pool_windows(p32), _pool_windows(p64))]
         out.gap["maxpool"], out.err["maxpool"], _ = min(rooms, key=lambda r: r[2])
-    if family == "ultralytics":
+    if "metric" in r64:  # TAL
         metric, overlaps, k = r64["metric"], r64["overlaps"], r64["topk"]
         top = _sorted_desc(metric)
         scale = top[..., :1].clamp(min=1e-300)  # each GT's largest align metric
@@ -193,7 +218,7 @@ def replay(up, family, x, rows, targets) -> Replay:
         out.err["tal_multi"] = float(((r32["overlaps"].double() - overlaps).abs() / best).max())
         fg = r64["fg"]
         out.same_assignment = bool((r32["fg"] == fg).all() and (r32["gt_idx"][fg] == r64["gt_idx"][fg]).all())
-    elif family == "yolox":
+    if "images" in r64:  # SimOTA
         gk, gc, gm, ek, ec = [], [], [], [], []
         for (c32, i32, in32, fg32, g32), (c64, i64, in64, fg64, g64) in zip(r32["images"], r64["images"]):
             n = min(10, i64.shape[1])

@@ -190,7 +190,7 @@ def test_train_step_parity(oracles, name, nc, hw, seed):
     rows = random_rows(rng, batch=b, nc=nc, per_image=4, sizes=(0.1, 0.95))
     targets = jaxyolo.Targets.from_rows(rows, batch_size=b, max_boxes=8)
     family = jaxyolo.models.MODELS[name].family
-    replay = _margins.replay(up, family, x, rows, targets)
+    replay = _margins.replay(up, _margins.train_step(family, x, rows, targets))
     replay.check()  # no near-tie: the comparison below does not depend on the CPU
     total, comps = _upstream_step(up, name, x, rows, targets, oracles)
     ref_grads = {k: p.grad.numpy() for k, p in up.named_parameters() if p.grad is not None}
@@ -231,7 +231,8 @@ def test_near_tie_is_detected(oracles):
     rng = np.random.default_rng(zlib.crc32(b"tests/test_arch_parity.py::test_train_step_parity[yolov8n]"))
     x = rng.random((2, 448, 512, 3), dtype=np.float32)
     rows = random_rows(rng, batch=2, nc=3, per_image=4, sizes=(0.1, 0.95))
-    replay = _margins.replay(upstream_model("yolov8n", 3), "ultralytics", x, rows, jaxyolo.Targets.from_rows(rows, batch_size=2, max_boxes=8))
+    targets = jaxyolo.Targets.from_rows(rows, batch_size=2, max_boxes=8)
+    replay = _margins.replay(upstream_model("yolov8n", 3), _margins.train_step("ultralytics", x, rows, targets))
     assert replay.same_assignment and replay.gap["tal_topk"] < 2e-6 < 1e-5 < replay.err["tal_topk"], str(replay)
     with pytest.raises(AssertionError, match="near-tie in this case.*tal_topk: gap"):
         replay.check()

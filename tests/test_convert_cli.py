@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import _margins
 from _arch_cases import random_rows, upstream_model
 
 from jaxyolo.cli import main
@@ -27,10 +28,16 @@ def checkpoints(oracles, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    """A tiny YOLO dataset: ``images/`` (3 PNGs of different sizes) and ``labels/``."""
+    """A tiny YOLO dataset: ``images/`` (3 PNGs of different sizes) and ``labels/``.
+
+    Seed 5: ``test_compare_labelled``'s cases have room on every assignment
+    choice (smallest gap / float32 error: TAL top-k 1.7e-2 / 1.1e-6, SimOTA
+    cost 6.4e-2 / 3.2e-7).  Seed 7 had two YOLOX costs 4.2e-7 apart (relative,
+    error 2.4e-7): at 64 px SimOTA also picks anchors outside the centre
+    region, whose costs carry the 1e5 penalty and so are rounded to 1/128."""
     from PIL import Image
 
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(5)
     root = tmp_path_factory.mktemp("data")
     (root / "images").mkdir()
     (root / "labels").mkdir()
@@ -73,8 +80,36 @@ def test_compare_random_images(checkpoints, capsys):
     assert "loss" not in out
 
 
+def _assert_no_near_tie(weights, images, *, name):
+    """The case compared below has no assignment decided by float32 rounding
+    (issue 25, ``_margins``): the upstream model's eval-mode outputs and its own
+    loss, as ``compare`` runs them, replayed in float64."""
+    from jaxyolo import compare
+    from jaxyolo.models import upstream
+    from jaxyolo.models.registry import get_spec
+    from jaxyolo.targets import Targets
+
+    t = upstream.torch()
+    module, name = upstream.load_module(weights, name=name)
+    family = get_spec(name).family
+    x, rows, _ = compare.read_images(images, img_size=64)
+    targets = Targets.from_rows(rows, batch_size=len(x), max_boxes=int(np.bincount(rows[:, 0].astype(int)).max()))
+
+    def run(m, dtype):
+        m.eval()
+        xt = upstream.torch_images(x, family).to(dtype)
+        with t.no_grad():
+            raw = upstream.raw_outputs(m, family, xt)
+        compare._upstream_loss(m, family, xt, raw, rows, targets, x.shape[1:3])
+
+    replay = _margins.replay(module, run, pools=False)
+    replay.check()
+    return replay
+
+
 @pytest.mark.parametrize("ckpt,extra", [("yolov8n.pt", []), ("yolov5n.pt", []), ("yolox_nano.pth", ["--name", "yolox-nano"])])
 def test_compare_labelled(checkpoints, labelled, capsys, ckpt, extra):
+    _assert_no_near_tie(checkpoints / ckpt, labelled / "images", name=extra[-1] if extra else None)
     argv = ["compare", "--weights", str(checkpoints / ckpt), *extra, "--images", str(labelled / "images"), "--img-size", "64"]
     assert main([*argv, "--tol", "1e-4"]) == 0
     out = capsys.readouterr().out
