@@ -14,6 +14,7 @@
 import os
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")  # ultralytics: errors only (no settings banner, no model summaries)
 # Before jax is imported; inherited by subprocesses.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax-cache"))
 

@@ -8,6 +8,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -28,6 +29,10 @@ def torch():
     torchvision_shim.install()
     os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "jaxyolo-ultralytics-config"))
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    # ultralytics logs at INFO on import (the "Creating new Ultralytics Settings"
+    # banner of a fresh config dir) and when models are built; an oracle only
+    # computes, so its log is kept to errors.
+    os.environ.setdefault("YOLO_VERBOSE", "False")
     import torch as _torch
 
     _torch.set_num_threads(1)
@@ -36,7 +41,10 @@ def torch():
 
 def _import(name: str):
     torch()  # shim first
-    return importlib.import_module(name)
+    with warnings.catch_warnings():
+        # yolov5 7.0.14 imports pkg_resources (deprecated by setuptools, pinned <81 for it)
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        return importlib.import_module(name)
 
 
 def yolov5_modules():
