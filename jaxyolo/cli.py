@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=50, help="fetch the logged values from the device every N steps (one steps.csv row per N steps)")
     t.add_argument("--devices", type=int, default=None, help="data-parallel over the first N local devices (default: all devices)")
     t.add_argument("--cache", default=None, help="folder for a memory-mapped cache of the decoded images of a dataset on disk (default: decoded into RAM each run)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (on a terminal), nor its one line per --log-every steps (in a file or a pipe)")
     a = t.add_argument_group("augmentation (ultralytics' default strengths; 0 turns one off)")
     a.add_argument("--mosaic", type=float, default=d.mosaic, help="probability of a 4-image mosaic")
     a.add_argument("--close-mosaic", type=int, default=d.close_mosaic, help="no mosaic in the last N epochs")
@@ -168,10 +168,10 @@ def _train(args) -> int:
         raise SystemExit(f"error: {e}") from None
     out = _pick_out(args, cfg.loss)
     if args.resume:
-        print(f"jaxyolo train --resume: {out} (its saved config; other options except --max-steps are ignored)", flush=True)
+        print(f"jaxyolo train --resume: {out.absolute()} (its saved config; other options except --max-steps are ignored)", flush=True)
     else:
         shown = ("model", "loss", "weights", "data", "epochs", "img_size", "batch", "optimizer", "lr0", "precision")
-        print(f"jaxyolo train: {out}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in shown)})", flush=True)
+        print(f"jaxyolo train: {out.absolute()}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in shown)})", flush=True)
     try:
         train(cfg, out, resume=args.resume, progress=not args.no_progress, log_every=args.log_every, devices=args.devices, cache=args.cache)
     except (*_USER_ERRORS, RunLockedError) as e:

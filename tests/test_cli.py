@@ -12,11 +12,20 @@ TINY = ["--epochs", "1", "--img-size", "64", "--batch", "4", "--train-size", "16
 
 
 @pytest.mark.slow
-def test_train_then_eval(tmp_path, capsys):
+def test_train_then_eval(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    assert main(["train", *TINY, "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    assert main(["train", *TINY, "--out", "run"]) == 0  # relative: the messages name the absolute folder
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "val mAP@0.5 = " in printed and "mAP@0.5:0.95 = " in printed
+    assert printed.startswith(f"jaxyolo train: {out}  (model=pico, ")
+    tb = ", tb/" if (out / "tb").is_dir() else ""  # with tensorboardX installed
+    assert printed.splitlines()[-1] == f"run folder: {out}  (checkpoints/, config.json, final.json, metrics.csv, results.png, steps.csv{tb})"
+    assert not (out / ".lock").exists()
+    # --no-progress: the compile line, but no bar and no per-log-point lines.
+    assert "compiling the train step..." in printed
+    assert "it/s" not in captured.err and "step " not in captured.err
     for f in ("metrics.csv", "steps.csv", "results.png", "config.json", "final.json"):
         assert (out / f).is_file(), f
     final = json.loads((out / "final.json").read_text())

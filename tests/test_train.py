@@ -1,8 +1,11 @@
-"""Training: one-batch overfit, exact resume, optimiser pieces.  (That each
+"""Training: one-batch overfit, exact resume, optimiser pieces, the progress view.  (That each
 loss trains to a stated mAP in the real loop: tests/test_learning.py.)"""
 
 import csv
 import dataclasses
+import io
+import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ import pytest
 from jaxyolo.data import TrainBatches, load_embedded
 from jaxyolo.models import build_detector
 from jaxyolo.train import Session, TrainConfig, decay_mask, ema_decay, ema_tau_for, lr_schedule, train
+from jaxyolo.train.logs import Progress
 
 TINY = TrainConfig(
     img_size=64, batch=4, epochs=1, max_boxes=8, lr0=0.003, warmup_epochs=0, warmup_min_steps=10,
@@ -148,3 +152,57 @@ def test_train_config_augment_defaults_are_the_augment_module_defaults():
 
     assert TrainConfig().augment_config() == AugmentConfig()
     assert TrainConfig().augment_config(mosaic=False) == dataclasses.replace(AugmentConfig(), mosaic=0.0)
+
+
+# ------------------------------------------------ the console view of the steps
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _rates(text):
+    return [float(r) for r in re.findall(r"([\d.]+) ?it/s", text)]
+
+
+def test_progress_without_a_tty_is_one_plain_line_per_log_point():
+    out = io.StringIO()
+    p = Progress(epochs=2, steps_per_epoch=8, names=("loss", "box"), stream=out)
+    p.start(0, 1)  # after a first step (the compile): its time is not in the rate
+    time.sleep(0.2)
+    p.point(4, 4, {"loss": 1.5, "box": 0.25, "cls": 9.0})
+    p.point(8, 8, {"loss": 1.25, "box": 0.125, "cls": 9.0})
+    p.end()
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(r"step 4  epoch 1/2 \(4/8\)  loss 1\.5  box 0\.25  [\d.]+ it/s  ETA \d\d:\d\d", lines[0]), lines[0]
+    assert lines[1].startswith("step 8  epoch 1/2 (8/8)  loss 1.25  box 0.125  ") and lines[1].endswith("ETA 00:00")
+    # 3 steps since the clock started, in >= 0.2 s: <= 15 it/s (counting the
+    # step done before the clock started would be 20).
+    assert 0 < _rates(lines[0])[0] <= 15.0
+
+
+def test_progress_bar_on_a_terminal_counts_from_its_start():
+    out = _Terminal()
+    p = Progress(epochs=2, steps_per_epoch=8, names=("loss",), stream=out)
+    p.start(1, 1)
+    time.sleep(0.2)
+    p.point(4, 12, {"loss": 1.5})
+    p.end()
+    text = out.getvalue()
+    assert "\r" in text and "epoch 2/2" in text and "4/8" in text and "loss=1.5" in text  # a tqdm bar
+    assert "step 12" not in text  # ...not the plain lines
+    assert 0 < _rates(text)[-1] <= 15.0
+
+
+def test_progress_disabled_writes_nothing():
+    for out in (io.StringIO(), _Terminal()):
+        p = Progress(epochs=1, steps_per_epoch=8, names=("loss",), enabled=False, stream=out)
+        p.start(0, 0)
+        assert p.running
+        p.point(8, 8, {"loss": 1.0})
+        p.end()
+        assert out.getvalue() == "" and not p.running

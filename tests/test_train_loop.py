@@ -1,14 +1,18 @@
 """The training loop as a product: data parallel on several devices, bf16,
-logging without host syncs, the run-folder lock, crash safety, resume edge cases."""
+logging without host syncs, the console output, the run-folder lock, crash
+safety, resume edge cases."""
 
 import csv
 import dataclasses
+import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -178,6 +182,90 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(detected at step 3\)"):
         train(dataclasses.replace(TINY, seed=123), tmp_path / "nan", log_every=3, **QUIET)
     assert not list((tmp_path / "nan" / "checkpoints").glob("[0-9]*"))  # no poisoned checkpoint
+    assert not (tmp_path / "nan" / ".lock").exists()  # the run left on an exception, after its last write
+
+
+@pytest.mark.slow
+def test_console_compile_line_plain_lines_and_summary(tmp_path, capsys, monkeypatch):
+    """Without a TTY (pytest captures stderr): the compile line before the
+    first step, one plain line per log point whose rate leaves out the
+    compile, the absolute run folder with everything in it, no lock left."""
+    from jaxyolo.train.step import Session
+
+    messages, seen_at_first_step = [], []
+    real_init = Session.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        step = self.train_step
+
+        def slow_first(*args):
+            out = step(*args)
+            if not seen_at_first_step:
+                seen_at_first_step.append(list(messages))
+                time.sleep(4)  # a long compile: it must count in neither the rate nor the ETA
+            return out
+
+        self.train_step = slow_first
+
+    monkeypatch.setattr(Session, "__init__", init)
+    monkeypatch.chdir(tmp_path)  # a relative out_dir, as scripts/train.sh's runs/<loss>
+    train(TINY, "run", log=messages.append, log_every=3)
+    err = capsys.readouterr().err
+    assert seen_at_first_step == [["compiling the train step..."]]  # logged before the first step
+    assert re.fullmatch(r"first step done in [\d.]+ s", messages[1]) and float(messages[1].split()[-2]) >= 4
+    assert "\r" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("step ")]
+    assert [int(ln.split()[1]) for ln in lines] == [3, 6, 8]  # one per log point: every 3 steps and the epoch's end
+    first = re.fullmatch(r"step 3  epoch 1/1 \(3/8\)  loss [\d.]+  box [\d.]+  cls [\d.]+  dfl [\d.]+  ([\d.]+) (it/s|s/it)  ETA \d\d:\d\d", lines[0])
+    assert first, lines[0]
+    # Steps 2-3 in well under 4 s: with the compile counted it would be < 0.75 it/s.
+    assert first[2] == "it/s" and float(first[1]) > 1.0, lines[0]
+    run = tmp_path / "run"
+    assert not (run / ".lock").exists()  # gone once train() returns
+    listed = sorted(p.name + "/" * p.is_dir() for p in run.iterdir())
+    assert {"checkpoints/", "config.json", "final.json", "metrics.csv", "results.png", "steps.csv"} <= set(listed)
+    assert messages[-1] == f"run folder: {run}  ({', '.join(listed)})"
+
+
+def test_run_lock_file_exists_only_while_held(tmp_path):
+    run = tmp_path / "run"
+    with RunLock(run) as lock:
+        assert (run / ".lock").read_text().startswith(f"pid {os.getpid()} on ") and lock.stale is None
+    assert not (run / ".lock").exists()
+    # A holder killed with the lock (no release) leaves the file: the next
+    # acquire takes it over and reports the dead holder.
+    child = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal
+        from jaxyolo.train.checkpoint import RunLock
+        RunLock({str(run)!r}).acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)], timeout=300)
+    assert child.returncode == -signal.SIGKILL
+    assert (run / ".lock").exists()
+    with RunLock(run) as lock:
+        assert lock.stale is not None and re.match(r"pid \d+ on ", lock.stale) and f"pid {os.getpid()} " not in lock.stale
+    assert not (run / ".lock").exists()
+
+
+def test_run_lock_released_while_a_second_process_opens_it(tmp_path, monkeypatch):
+    """The holder deletes the file as another process has it open: that
+    process's lock on the deleted file must not count (a third would then
+    lock a new file beside it)."""
+    holder = RunLock(tmp_path).acquire()
+    real_flock = fcntl.flock
+
+    def flock(fd, op):
+        if op & fcntl.LOCK_EX and holder._fd is not None:
+            holder.release()  # between the second process's open and its flock
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    second = RunLock(tmp_path).acquire()
+    with pytest.raises(RunLockedError, match=f"in use by pid {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    second.release()
+    assert not (tmp_path / ".lock").exists()
 
 
 def test_run_lock_refuses_a_second_writer(tmp_path):
@@ -220,8 +308,13 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     leftovers = [p.name for p in (run / "checkpoints").iterdir()]
     assert any("tmp" in n for n in leftovers), leftovers  # killed mid-write: the temporary directory is there
     assert ckpt.manager(run).latest_step() == 2
-    # The lock died with the process; the resume continues from step 2 as if nothing happened.
-    resumed = train(dataclasses.replace(TINY, max_steps=4), run, resume=True, **QUIET)
+    # The lock died with the process (its file stays, naming it); the resume
+    # takes it over and continues from step 2 as if nothing happened.
+    assert f"pid {child.pid} on " in (run / ".lock").read_text()
+    messages = []
+    resumed = train(dataclasses.replace(TINY, max_steps=4), run, resume=True, progress=False, log=messages.append)
+    assert any(m.endswith("was left behind (that process was killed or crashed); taken over") and f"pid {child.pid} on " in m for m in messages), messages
+    assert not (run / ".lock").exists()
     full = train(dataclasses.replace(TINY, max_steps=4), tmp_path / "full", **QUIET)
     assert resumed["losses"] == full["losses"][2:]
 

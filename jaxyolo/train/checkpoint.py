@@ -20,7 +20,8 @@ about 1.5 ms of host CPU per array written; for the ~1000 tensors of a train
 state that was 2 s a checkpoint, taken from the training steps.
 
 :class:`RunLock` makes a run folder single-writer: a second process training
-into the same ``--out`` is refused with the holder's pid and host.
+into the same ``--out`` is refused with the holder's pid and host.  Its
+``.lock`` file exists while a process trains (or after one was killed).
 """
 
 from __future__ import annotations
@@ -46,15 +47,37 @@ class RunLock:
     The kernel drops the lock when the holder exits, however it exits
     (``kill -9`` included), so a stale lock never blocks a later resume.
     The file records the holder (pid, host, start time) for the error
-    message of a second writer.
+    message of a second writer.  :meth:`release` (a clean exit, or an
+    exception leaving the run, once every write has finished) deletes it,
+    so a ``.lock`` left in a folder nobody trains in marks a holder that was
+    killed: the next :meth:`acquire` takes it over and keeps the dead
+    holder's line in :attr:`stale`.
+
+    The holder deletes the file while it still holds the lock, and
+    :meth:`acquire` keeps a lock only on the file that is at the path once
+    locked: a process that opened the file just before it was deleted locks
+    a file no one else will see, notices, and locks the new one instead.
     """
 
     def __init__(self, out_dir):
         self.path = Path(out_dir) / ".lock"
+        self.stale = None
         self._fd = None
 
     def acquire(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = self._lock()
+        while not self._at_path(fd):  # deleted by the holder that released it as we opened it
+            os.close(fd)
+            fd = self._lock()
+        self.stale = os.pread(fd, 4096, 0).decode(errors="replace").strip() or None
+        os.ftruncate(fd, 0)
+        now = datetime.datetime.now().isoformat(timespec="seconds")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {now})\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def _lock(self) -> int:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,15 +85,19 @@ class RunLock:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise RunLockedError(f"{self.path.parent} is in use by {holder}; wait for it to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        now = datetime.datetime.now().isoformat(timespec="seconds")
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {now})\n".encode(), 0)
-        self._fd = fd
-        return self
+        return fd
+
+    def _at_path(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     def release(self):
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            self.path.unlink(missing_ok=True)  # before unlocking: see the class docstring
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

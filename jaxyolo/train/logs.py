@@ -7,17 +7,20 @@ host.  ``steps.csv`` gets one row per fetch: ``step`` (the last step of the
 window), ``epoch``, ``steps`` (the window's length) and the window's mean of
 each value.  With ``log_every=1`` that is every step's own value.
 ``metrics.csv`` gets one row per epoch: the epoch's means, mAP, time.
-Only process 0 writes.
+Only process 0 writes.  :class:`Progress` shows the same log points on the
+console: a bar on a terminal, one plain line each in a file or a pipe.
 """
 
 from __future__ import annotations
 
 import csv
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Csv", "RunLogs", "plot_results"]
+__all__ = ["Csv", "RunLogs", "Progress", "plot_results"]
 
 
 class Csv:
@@ -90,6 +93,98 @@ class RunLogs:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+def _bar_class(stream):
+    """tqdm's class for ``stream``: its widget in Jupyter, its console bar
+    on a terminal; None for a file or a pipe (a bar there is one long line
+    of carriage returns)."""
+    from tqdm.asyncio import tqdm as console
+    from tqdm.auto import tqdm
+
+    if tqdm is not console:  # a Jupyter kernel: a widget, nothing written to the stream
+        return tqdm
+    try:
+        return tqdm if stream.isatty() else None
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return None
+
+
+def _rate(rate) -> str:
+    if rate is None:
+        return "? it/s"
+    return f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.2f} s/it"
+
+
+class Progress:
+    """The console view of the steps, one epoch at a time.
+
+    On a terminal (or in Jupyter) a tqdm bar per epoch; otherwise one plain
+    line per log point (``step``, epoch, the window's values, rate, the
+    epoch's ETA), no carriage returns; nothing when not ``enabled``.
+
+    Both move only at log points, by the steps of the window just fetched.
+    The loop waits for the device only there, so a count of dispatched
+    steps runs ahead of the device and then stalls at the fetch: a rate per
+    dispatch jumped between 1.9 it/s and 5 s/it.  Counted at the fetches,
+    the steps are ones the device has finished, and the rate is their mean
+    since the epoch's clock started (tqdm's ``smoothing=0``, the same sum
+    for the plain lines): the ETA stays steady.  The loop starts the clock
+    of an epoch whose first step compiles once that step has completed
+    (:meth:`start` after it), so the compile is in neither.
+
+    Args:
+      epochs, steps_per_epoch: the run's.
+      names: the values shown (keys of the rows given to :meth:`point`).
+      enabled: False for ``--no-progress`` and on every process but 0.
+      stream: where the bar or the lines go (default ``sys.stderr``, tqdm's).
+    """
+
+    def __init__(self, *, epochs: int, steps_per_epoch: int, names, enabled: bool = True, stream=None):
+        self.epochs, self.steps_per_epoch, self.names, self.enabled = epochs, steps_per_epoch, list(names), enabled
+        self.stream = sys.stderr if stream is None else stream
+        self._bar_class = _bar_class(self.stream) if enabled else None
+        self._bar = self._epoch = None
+        self._t0 = self._n0 = None
+
+    @property
+    def running(self) -> bool:
+        """Whether an epoch's clock runs (between :meth:`start` and :meth:`end`)."""
+        return self._epoch is not None
+
+    def start(self, epoch: int, position: int):
+        """Start the clock of ``epoch`` (0-based), ``position`` of its steps done."""
+        self.end()
+        self._epoch, self._t0, self._n0 = epoch, time.perf_counter(), position
+        if self._bar_class is not None:
+            self._bar = self._bar_class(
+                total=self.steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}/{self.epochs}", file=self.stream,
+                dynamic_ncols=True, smoothing=0, mininterval=0, miniters=1,
+            )
+
+    def point(self, position: int, step: int, row: dict):
+        """A log point: ``position`` steps of the epoch done, ``step`` in all,
+        ``row`` the window's means."""
+        if not self.enabled:
+            return
+        values = {k: f"{row[k]:.4g}" for k in self.names}
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=False)
+            self._bar.update(position - self._bar.n)
+            return
+        from tqdm import tqdm
+
+        elapsed = time.perf_counter() - self._t0
+        rate = (position - self._n0) / elapsed if position > self._n0 and elapsed > 0 else None
+        eta = tqdm.format_interval((self.steps_per_epoch - position) / rate) if rate else "?"
+        shown = "  ".join(f"{k} {v}" for k, v in values.items())
+        print(f"step {step}  epoch {self._epoch + 1}/{self.epochs} ({position}/{self.steps_per_epoch})  {shown}  {_rate(rate)}  ETA {eta}", file=self.stream, flush=True)
+
+    def end(self):
+        """Stop the epoch's clock (and close its bar)."""
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = self._epoch = None
 
 
 def plot_results(out_dir: Path, loss_names):

@@ -8,7 +8,7 @@ Layout of ``out_dir``::
     metrics.csv           one row per epoch: mean losses, lr, mAP, time
     results.png           loss curves and mAP per epoch
     final.json            final mAP, steps, seconds
-    .lock                 held while a process trains into the folder
+    .lock                 while a process trains into the folder (left: one was killed)
 
 The loop never waits for the device between steps: batches are gathered and
 transferred on a background thread (:class:`jaxyolo.data.pipeline.Prefetcher`),
@@ -16,6 +16,13 @@ the step is dispatched asynchronously, and the logged values stay on the
 device until a log point (every ``log_every`` steps, each epoch's end, a stop).
 A non-finite loss is caught at the next log point, before any checkpoint, and
 stops the run naming the first bad step.
+
+The console: "compiling the train step..." before the first step (and before
+the first one without mosaic: another compile), which the loop waits for, so
+the progress clock starts after the compile; then a bar per epoch on a
+terminal, or one line per log point in a file or a pipe
+(:class:`jaxyolo.train.logs.Progress`); at the end the final mAP and the run
+folder's absolute path with what it holds.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from jaxyolo.data.pipeline import Prefetcher, TrainBatches
 from jaxyolo.evaluate import evaluate_model
 from jaxyolo.train import checkpoint as ckpt
 from jaxyolo.train.config import TrainConfig
-from jaxyolo.train.logs import RunLogs, plot_results
+from jaxyolo.train.logs import Progress, RunLogs, plot_results
 from jaxyolo.train.step import Session, main_loss_names, new_acc
 
 __all__ = ["train", "evaluate_checkpoint", "load_session"]
@@ -58,8 +65,32 @@ def _evaluate(session: Session, val_data, *, batch_size=None):
     )
 
 
+def _print(msg: str):
+    """``print`` flushed: in a pipe, the lines keep their order with the
+    progress lines on stderr."""
+    print(msg, flush=True)
+
+
+def _first_step(session: Session, args, *, what: str, log):
+    """``session.train_step(*args)`` for the first batch of a kind (mosaic
+    or not): it compiles.  Waits for it, so that the progress clock starts
+    after the compile."""
+    log(f"compiling the train step{what}...")
+    t = time.perf_counter()
+    out = session.train_step(*args)
+    jax.block_until_ready(out[2])
+    log(f"first step done in {time.perf_counter() - t:.1f} s")
+    return out
+
+
+def _contents(out_dir: Path) -> str:
+    """The run folder's top-level entries, folders with a ``/``; not the
+    ``.lock``, which goes when :func:`train` returns."""
+    return ", ".join(p.name + "/" * p.is_dir() for p in sorted(out_dir.iterdir()) if p.name != ".lock")
+
+
 def train(
-    config: TrainConfig, out_dir, *, resume: bool = False, progress: bool = True, log=print, data=None,
+    config: TrainConfig, out_dir, *, resume: bool = False, progress: bool = True, log=_print, data=None,
     log_every: int = 50, devices: int | None = None, prefetch: int = 2, cache=None,
 ):
     """Train, evaluate every ``eval_every`` epochs, checkpoint every epoch.
@@ -71,8 +102,9 @@ def train(
       resume: continue from the latest checkpoint in ``out_dir``; the next
         step sees the same batch, parameters, optimiser and EMA state as an
         uninterrupted run, so its loss is identical.
-      progress: show a progress bar (advanced every step; values shown at log points).
-      log: where summary lines go.
+      progress: show a progress bar on a terminal, one line per log point
+        otherwise (see :class:`jaxyolo.train.logs.Progress`); False: neither.
+      log: where summary lines go (the compile lines too, on process 0).
       data: optional ``(train, val)`` :class:`DetectionData` (else loaded from ``config``).
       log_every: fetch the logged values every this many steps (a device
         sync); they never change the training itself.
@@ -89,22 +121,21 @@ def train(
       ``log_times`` (``(step, seconds since the call began)`` at each log
       point), ``seconds``, ``out_dir``.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
     t_start = time.perf_counter()
     parallel.init_distributed()
     primary = jax.process_index() == 0
     out_dir = Path(out_dir)
+    where = out_dir.absolute()  # in messages: the user may have started elsewhere (scripts/train.sh cds)
     mesh = parallel.make_mesh(devices)
     with contextlib.ExitStack() as stack:
-        meta = None
+        meta = lock = None
         if resume:
             if not (out_dir / "checkpoints").is_dir():
                 raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
             if primary:
-                stack.enter_context(ckpt.RunLock(out_dir))
+                lock = stack.enter_context(ckpt.RunLock(out_dir))
             mngr = ckpt.manager(out_dir)
             latest = mngr.latest_step()
             if latest is None:
@@ -121,8 +152,10 @@ def train(
         spe = batches.steps_per_epoch
         if not resume:
             if primary:
-                stack.enter_context(ckpt.RunLock(out_dir))
+                lock = stack.enter_context(ckpt.RunLock(out_dir))
             mngr = ckpt.manager(out_dir)
+        if lock is not None and lock.stale:
+            log(f"{where}: the .lock of {lock.stale} was left behind (that process was killed or crashed); taken over")
         stack.callback(ckpt.finish, mngr)  # before the lock goes (callbacks run last-in first-out)
         if primary:
             (out_dir / "config.json").write_text(config.dumps())
@@ -152,32 +185,42 @@ def train(
             return {**ev, "steps": done, "losses": losses, "log_times": log_times, "seconds": time.perf_counter() - t_start, "out_dir": str(out_dir)}
 
         if meta is not None and epoch >= config.epochs:
-            log(f"{out_dir}: the run is complete ({config.epochs} epochs, {done} steps); re-evaluating its EMA model")
+            log(f"{where}: the run is complete ({config.epochs} epochs, {done} steps); re-evaluating its EMA model")
             ev = _evaluate(session, val_data)
             log(f"val mAP@0.5 = {ev['map50']:.4f}   mAP@0.5:0.95 = {ev['map50_95']:.4f}   ({done} steps)")
             return result(ev, [], [])
         if config.max_steps is not None and done >= config.max_steps:
-            log(f"{out_dir}: already at step {done} >= max_steps={config.max_steps}; nothing to train")
+            log(f"{where}: already at step {done} >= max_steps={config.max_steps}; nothing to train")
             return result(None, [], [])
         if meta is not None:
-            log(f"resumed {out_dir} at step {done} (epoch {epoch + 1}/{config.epochs}, batch {start + 1}/{spe})")
+            log(f"resumed {where} at step {done} (epoch {epoch + 1}/{config.epochs}, batch {start + 1}/{spe})")
 
         writer = ckpt.Writer(mngr, session.state, session.ema)
         logs = RunLogs(out_dir, session.names, done_step=done if resume else None, done_epoch=epoch if resume else None, enabled=primary)
         stack.callback(logs.close)
         state, ema = session.state, session.ema
         acc = jax.device_put(acc, session.replicated)
-        losses, log_times, last_eval, bar = [], [], None, None
+        losses, log_times, last_eval = [], [], None
         t_epoch = time.perf_counter()
         positions = batches.positions(epoch, start, epochs=config.epochs, max_steps=config.max_steps, done=done)
         host = ((pos, batches.batch(*pos, mosaic=config.mosaic_in_epoch(pos[0]))) for pos in positions)
         stream = stack.enter_context(Prefetcher(host, sharding=session.batch_sharding, depth=prefetch))
+        view = Progress(epochs=config.epochs, steps_per_epoch=spe, names=("loss", *names), enabled=progress and primary)
+        stack.callback(view.end)
+        say = log if primary else (lambda *_: None)
+        compiled = set()  # the batch kinds (mosaic or not) stepped: each compiles once
         for (ep, k), batch in stream:
-            if bar is None:
-                bar = tqdm(total=spe, initial=k, desc=f"epoch {ep + 1}/{config.epochs}", disable=not (progress and primary), dynamic_ncols=True)
-            state, ema, acc = session.train_step(state, ema, acc, batch)
+            mosaic = config.mosaic_in_epoch(ep)
+            if mosaic in compiled:
+                if not view.running:
+                    view.start(ep, k)
+                state, ema, acc = session.train_step(state, ema, acc, batch)
+            else:
+                what = f" for the batches {'with' if mosaic else 'without'} mosaic" if compiled else ""
+                state, ema, acc = _first_step(session, (state, ema, acc, batch), what=what, log=say)
+                compiled.add(mosaic)
+                view.start(ep, k + 1)  # the compile counts in neither the rate nor the ETA
             done += 1
-            bar.update(1)
             end_of_epoch = k + 1 == spe
             stopping = config.max_steps is not None and done >= config.max_steps
             if not (done % log_every == 0 or end_of_epoch or stopping):
@@ -185,17 +228,16 @@ def train(
             # ---- log point: the only place the loop waits for the device.
             a = parallel.fetch(acc)
             if int(a["bad_step"]):
-                raise FloatingPointError(f"non-finite loss at step {int(a['bad_step'])} (detected at step {done}): the run stops; last checkpoint in {out_dir / 'checkpoints'}")
+                raise FloatingPointError(f"non-finite loss at step {int(a['bad_step'])} (detected at step {done}): the run stops; last checkpoint in {where / 'checkpoints'}")
             n = int(a["n"])
             losses.extend(a["losses"][:n].tolist())
             row = logs.step_row(done, ep + 1, a["win"], n)
             log_times.append((done, time.perf_counter() - t_start))
-            bar.set_postfix({k2: f"{row[k2]:.3g}" for k2 in ("loss", *names)}, refresh=False)
+            view.point(k + 1, done, row)
             fresh = new_acc(session.names, log_every)
             session.state, session.ema = state, ema
             if end_of_epoch:
-                bar.close()
-                bar = None
+                view.end()
                 epoch = ep + 1
                 erow = {"epoch": epoch, "step": done, **{k2: float(a["epoch"][k2]) / int(a["epoch_n"]) for k2 in session.names}, "epoch_s": round(time.perf_counter() - t_epoch, 2)}
                 if epoch % config.eval_every == 0 or epoch == config.epochs:
@@ -212,11 +254,10 @@ def train(
                 if stopping:
                     writer.save(done, state, ema, meta_now(ep, k + 1, a["epoch"], a["epoch_n"]))
             acc = jax.device_put(fresh, session.replicated)
-        if bar is not None:
-            bar.close()
+        view.end()
         session.state, session.ema = state, ema
         if done < config.epochs * spe:  # stopped by max_steps
-            log(f"stopped at step {done} (max_steps); checkpoint in {out_dir / 'checkpoints'}")
+            log(f"stopped at step {done} (max_steps); checkpoint in {where / 'checkpoints'}")
             return result(None, losses, log_times)
         if last_eval is None:
             last_eval = _evaluate(session, val_data)
@@ -229,7 +270,8 @@ def train(
             mngr.wait_until_finished()  # final.json only after the last checkpoint is on disk
             ckpt.write_json(out_dir / "final.json", {**last_eval, "steps": done, "seconds": secs})
         log(f"val mAP@0.5 = {last_eval['map50']:.4f}   mAP@0.5:0.95 = {last_eval['map50_95']:.4f}   ({done} steps, {secs:.0f} s)")
-        log(f"run folder: {out_dir}  (checkpoints/, metrics.csv, steps.csv, results.png, final.json)")
+        # Process 0 wrote the folder; another host may not see it (a local --out).
+        log(f"run folder: {where}" + (f"  ({_contents(out_dir)})" if primary else ""))
         return result(last_eval, losses, log_times)
 
 
