@@ -150,7 +150,7 @@ def _record(up, run, dtype):
         if isinstance(mod, t.nn.MaxPool2d)
     ]
     try:
-        with _recording_assigners(rec):
+        with _recording_assigners(rec), t.no_grad():  # values only: no autograd graph (memory)
             run(m, dtype)
     finally:
         for h in hooks:

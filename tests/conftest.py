@@ -54,3 +54,29 @@ def rng(request):
 
     # A stable seed per test so failures reproduce (hash() is salted per process).
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop JAX's in-memory caches of traced and
+    compiled programs and give freed memory back to the OS.
+
+    A worker runs dozens of modules, each compiling its own whole-network
+    programs.  Kept alive, they grew one xdist worker to 7.5 GB RSS by the end
+    of the suite (measured), and a worker then took 6 s from pytest's end to
+    its exit handlers, freeing them: past the 5 s that execnet grants a
+    worker at shutdown before it sends itself SIGINT, the likely source of
+    the stray ``KeyboardInterrupt`` traceback at the end of a run.  Measured
+    on five heavy modules in one process: peak RSS 4.25 GB -> 1.30 GB.  A
+    later module that compiles the same program again loads it from the
+    persistent compilation cache."""
+    yield
+    import ctypes
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
