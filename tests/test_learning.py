@@ -2,8 +2,12 @@
 val mAP@0.5, and the default recipe's first epochs must raise mAP.
 
 The thresholds were set from measured runs of exactly these configs (CPU,
-jax 0.10.2, float32; the value measured is next to each), with a margin for
-other CPUs' XLA codegen.  Each run is pico on the embedded shapes set, 400
+jax 0.10.2, float32), on three code paths: the machine the tests were written
+on, an Intel Xeon with AVX-512, and the same Xeon with
+``XLA_FLAGS=--xla_cpu_max_isa=AVX2``.  XLA's float32 code differs with the
+instruction set and the discrete label assignment amplifies that, so a run is
+reproducible on one machine only (README, *Reproducibility*); each threshold
+sits below the lowest of the three values by about the spread between them.  Each run is pico on the embedded shapes set, 400
 steps of batch 16 (~60 s on the 2-core CPU), evaluated once at the end (EMA model, 200 val images),
 augmented by horizontal flips only: in a few hundred steps mosaic's harder samples cost
 more than they teach (yolov8 reached 0.098 in 600 steps with the default augmentations).
@@ -19,14 +23,15 @@ from jaxyolo.train import TrainConfig, train
 QUIET = dict(progress=False, log=lambda *_: None)
 FLIP_ONLY = dict(mosaic=0.0, translate=0.0, scale=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fliplr=0.5)
 
-# loss: (image side, measured val mAP@0.5 of this config, threshold)
+# loss: (image side, measured val mAP@0.5 of this config on the three code paths, threshold)
 CASES = {
-    "yolov8": (96, 0.346, 0.24),
-    "yolox": (96, 0.274, 0.19),
+    "yolov8": (96, (0.346, 0.359, 0.370), 0.24),
+    # 0.19 held with 0.020 to spare on the Xeon: the spread is 0.064.
+    "yolox": (96, (0.274, 0.210, 0.269), 0.15),
     # YOLOv5's anchor rule needs objects of anchor size: at 96 px most shapes
     # are smaller than every yolov5s anchor/4 (0.09 measured at 600 steps), so 128 px.
     # (600 steps reached 0.501, 0.461 and 0.218: 400 keeps each run near a minute.)
-    "yolov5": (128, 0.078, 0.05),
+    "yolov5": (128, (0.078, 0.081, 0.084), 0.05),
 }
 
 
@@ -43,18 +48,20 @@ def test_short_run_reaches_map(loss, tmp_path):
 @pytest.mark.slow
 def test_default_recipe_first_epochs_raise_map(tmp_path):
     """The README main command's recipe (TrainConfig() defaults: pico, 128 px,
-    batch 16, AdamW 3e-3, warmup + cosine over 12 epochs), stopped after its
-    third epoch on a smaller train set: mAP rises epoch over epoch."""
+    batch 16, AdamW 3e-3, warmup + cosine over 12 epochs, mosaic), stopped
+    after its fifth epoch on a smaller train set: mAP rises epoch over epoch."""
     cfg = dataclasses.replace(TrainConfig(), train_size=800, val_size=200, eval_every=1)
     spe = cfg.train_size // cfg.batch
-    train(dataclasses.replace(cfg, max_steps=3 * spe), tmp_path / "run", **QUIET)
+    train(dataclasses.replace(cfg, max_steps=5 * spe), tmp_path / "run", **QUIET)
     import csv
 
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     maps = [float(r["map50"]) for r in rows]
     losses = [float(r["loss"]) for r in rows]
-    assert len(maps) == 3
-    # Measured on two CPUs: 0.000, 0.034, 0.094 and 0.000, 0.010, 0.031 (this
-    # early, other XLA codegen gives other trajectories: no tighter bound).
-    assert maps[0] < maps[1] < maps[2] and maps[2] >= 0.015, maps
-    assert losses[0] > losses[1] > losses[2], losses
+    assert len(maps) == 5
+    # Measured (epochs 1-5): 0.000 0.013 0.067 0.157 0.299 on the Xeon, 0.000
+    # 0.002 0.048 0.138 0.284 with its AVX2 code path.  Three epochs were too
+    # early to bound: epoch 3 gave 0.094, 0.031, 0.067, 0.048 and 0.009 on
+    # different code paths; by epoch 5 the spread is small against the value.
+    assert maps[0] <= maps[1] < maps[2] < maps[3] < maps[4] and maps[4] >= 0.15, maps
+    assert all(a > b for a, b in zip(losses, losses[1:])), losses
