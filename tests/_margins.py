@@ -12,13 +12,14 @@ may go either way on some machine (it did: the YOLOv8n step at 448x512 flipped
 one of a GT's top-10 anchors, gap 1.9e-6 of the GT's largest metric, on an
 AVX2-only CPU and not on an AVX-512 one).
 
-:func:`replay` runs upstream's own train-mode forward and loss twice, in
-float32 and in float64, records the inputs of every max-pool and of the
-assigner, and returns for each kind of choice
+:func:`replay` runs an upstream computation (its own forward and loss, e.g.
+:func:`train_step`) twice, in float32 and in float64, records the inputs of
+every max-pool and of the assigner, and returns for each kind of choice
 
 * ``gap``: the smallest deciding gap, from the float64 run;
 * ``err``: the largest float32 rounding error of the deciding values (float32
-  run against float64), i.e. what one framework's rounding moves them;
+  run against float64), i.e. what one framework's rounding moves them (for
+  the max-pools: at the window with the least room, gap / error);
 
 both in the units named below, and whether the float32 and float64
 assignments are the same.  A case is machine-independent when every ``gap``
@@ -39,7 +40,6 @@ import contextlib
 import copy
 from dataclasses import dataclass, field
 
-import numpy as np
 
 # How many times the float32 rounding of one framework (float32 against
 # float64) a deciding gap must be: two frameworks' roundings can add up (x2),
@@ -185,10 +185,6 @@ def train_step(family, x, rows, targets):
     return run
 
 
-def _sorted_desc(v):
-    return v.sort(-1, descending=True).values
-
-
 def replay(up, run, *, pools: bool = True) -> Replay:
     """Deciding gaps and float32 rounding errors of ``run(module, dtype)`` (e.g.
     :func:`train_step`) on copies of the upstream module ``up`` in float32 and
@@ -205,7 +201,7 @@ def replay(up, run, *, pools: bool = True) -> Replay:
         out.gap["maxpool"], out.err["maxpool"], _ = min(rooms, key=lambda r: r[2])
     if "metric" in r64:  # TAL
         metric, overlaps, k = r64["metric"], r64["overlaps"], r64["topk"]
-        top = _sorted_desc(metric)
+        top = metric.sort(-1, descending=True).values
         scale = top[..., :1].clamp(min=1e-300)  # each GT's largest align metric
         boundary = (top[..., k - 1] - top[..., k]) / scale[..., 0]
         live = r64["mask_gt"] & (top[..., k] > 0)  # a boundary between positive metrics decides
