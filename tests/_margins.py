@@ -199,43 +199,52 @@ def replay(up, run, *, pools: bool = True) -> Replay:
     if pools and p64:
         rooms = [_pool_room(t, x32, x64, k) for (x32, _), (x64, k) in zip(_pool_windows(p32), _pool_windows(p64))]
         out.gap["maxpool"], out.err["maxpool"], _ = min(rooms, key=lambda r: r[2])
-    if "metric" in r64:  # TAL
-        metric, overlaps, k = r64["metric"], r64["overlaps"], r64["topk"]
-        top = metric.sort(-1, descending=True).values
-        scale = top[..., :1].clamp(min=1e-300)  # each GT's largest align metric
-        boundary = (top[..., k - 1] - top[..., k]) / scale[..., 0]
-        live = r64["mask_gt"] & (top[..., k] > 0)  # a boundary between positive metrics decides
-        out.gap["tal_topk"] = float(boundary[live].min()) if live.any() else 1.0
-        out.err["tal_topk"] = float(((r32["metric"].double() - metric).abs() / scale).max())
-        multi = r64["mask_pos"].sum(1) > 1  # (B, A) anchors claimed by several GTs
-        ov = overlaps.sort(1, descending=True).values
-        best = ov[:, :1].clamp(min=1e-300)  # (B, 1, A) each anchor's largest overlap
-        out.gap["tal_multi"] = float(((ov[:, 0] - ov[:, 1]) / best[:, 0])[multi].min()) if multi.any() else 1.0
-        out.err["tal_multi"] = float(((r32["overlaps"].double() - overlaps).abs() / best).max())
-        fg = r64["fg"]
-        out.same_assignment = bool((r32["fg"] == fg).all() and (r32["gt_idx"][fg] == r64["gt_idx"][fg]).all())
-    if "images" in r64:  # SimOTA
-        gk, gc, gm, ek, ec = [], [], [], [], []
-        for (c32, i32, in32, fg32, g32), (c64, i64, in64, fg64, g64) in zip(r32["images"], r64["images"]):
-            n = min(10, i64.shape[1])
-            s = i64.topk(n, dim=1).values.sum(1)
-            ek.append(float((i32.topk(n, dim=1).values.sum(1) - s).abs().max()))
-            frac = s - s.floor()
-            gk.append(float(t.minimum(frac, 1 - frac)[s >= 1].min()) if (s >= 1).any() else 1.0)  # int() and clamp(min=1)
-            ks = s.int().clamp(min=1)
-            cost = c64.sort(1).values
-            for g, kk in enumerate(ks.tolist()):
-                if kk < cost.shape[1]:
-                    gc.append(float((cost[g, kk] - cost[g, kk - 1]) / cost[g, kk].abs()))
-            ec.append(float(((c32 - c64).abs() / c64.abs().clamp(min=1e-12)).max()))
-            matched = t.zeros_like(c64, dtype=t.bool)
-            for g, kk in enumerate(ks.tolist()):
-                matched[g, c64[g].topk(kk, largest=False).indices] = True
-            multi = matched.sum(0) > 1
-            if multi.any():
-                two = c64[:, multi].sort(0).values[:2]
-                gm.append(float(((two[1] - two[0]) / two[1].abs()).min()))
-            out.same_assignment &= bool((in32 == in64).all() and (fg32 == fg64).all() and (g32 == g64).all())
-        out.gap.update(simota_k=min(gk), simota_cost=min(gc) if gc else 1.0, simota_multi=min(gm) if gm else 1.0)
-        out.err.update(simota_k=max(ek), simota_cost=max(ec), simota_multi=max(ec))
+    if "metric" in r64:
+        _tal_room(r32, r64, out)
+    if "images" in r64:
+        _simota_room(t, r32["images"], r64["images"], out)
     return out
+
+
+def _tal_room(r32, r64, out):
+    """TAL: each GT's top-k boundary and each anchor claimed by several GTs."""
+    metric, overlaps, k = r64["metric"], r64["overlaps"], r64["topk"]
+    top = metric.sort(-1, descending=True).values
+    scale = top[..., :1].clamp(min=1e-300)  # each GT's largest align metric
+    boundary = (top[..., k - 1] - top[..., k]) / scale[..., 0]
+    live = r64["mask_gt"] & (top[..., k] > 0)  # a boundary between positive metrics decides
+    out.gap["tal_topk"] = float(boundary[live].min()) if live.any() else 1.0
+    out.err["tal_topk"] = float(((r32["metric"].double() - metric).abs() / scale).max())
+    multi = r64["mask_pos"].sum(1) > 1  # (B, A) anchors claimed by several GTs
+    ov = overlaps.sort(1, descending=True).values
+    best = ov[:, :1].clamp(min=1e-300)  # (B, 1, A) each anchor's largest overlap
+    out.gap["tal_multi"] = float(((ov[:, 0] - ov[:, 1]) / best[:, 0])[multi].min()) if multi.any() else 1.0
+    out.err["tal_multi"] = float(((r32["overlaps"].double() - overlaps).abs() / best).max())
+    fg = r64["fg"]
+    out.same_assignment &= bool((r32["fg"] == fg).all() and (r32["gt_idx"][fg] == r64["gt_idx"][fg]).all())
+
+
+def _simota_room(t, images32, images64, out):
+    """SimOTA, per image: the dynamic-k sums, each GT's cost boundary, and the
+    cost conflicts of anchors matched to several GTs."""
+    gk, gc, gm, ek, ec = [], [], [], [], []
+    for (c32, i32, in32, fg32, g32), (c64, i64, in64, fg64, g64) in zip(images32, images64):
+        n = min(10, i64.shape[1])
+        s = i64.topk(n, dim=1).values.sum(1)
+        ek.append(float((i32.topk(n, dim=1).values.sum(1) - s).abs().max()))
+        frac = s - s.floor()
+        gk.append(float(t.minimum(frac, 1 - frac)[s >= 1].min()) if (s >= 1).any() else 1.0)  # int() and clamp(min=1)
+        ec.append(float(((c32 - c64).abs() / c64.abs().clamp(min=1e-12)).max()))
+        cost = c64.sort(1).values
+        matched = t.zeros_like(c64, dtype=t.bool)
+        for g, kk in enumerate(s.int().clamp(min=1).tolist()):
+            if kk < cost.shape[1]:
+                gc.append(float((cost[g, kk] - cost[g, kk - 1]) / cost[g, kk].abs()))
+            matched[g, c64[g].topk(kk, largest=False).indices] = True
+        multi = matched.sum(0) > 1
+        if multi.any():
+            two = c64[:, multi].sort(0).values[:2]
+            gm.append(float(((two[1] - two[0]) / two[1].abs()).min()))
+        out.same_assignment &= bool((in32 == in64).all() and (fg32 == fg64).all() and (g32 == g64).all())
+    out.gap.update(simota_k=min(gk), simota_cost=min(gc) if gc else 1.0, simota_multi=min(gm) if gm else 1.0)
+    out.err.update(simota_k=max(ek), simota_cost=max(ec), simota_multi=max(ec))
