@@ -40,6 +40,8 @@ def _defaults():
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxyolo.data.stream import CACHES
+
     d = _defaults()
     p = argparse.ArgumentParser(prog="jaxyolo", description="Train, evaluate and run YOLO detectors in JAX/Flax NNX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,14 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr0", type=float, default=d.lr0, help="peak learning rate (after the warmup, then cosine decay to 1%%)")
     t.add_argument("--train-size", type=int, default=d.train_size, help="embedded training images")
     t.add_argument("--val-size", type=int, default=d.val_size, help="embedded validation images")
-    t.add_argument("--max-boxes", type=int, default=d.max_boxes, help="boxes per image the loss sees (static shape); more are cut and counted (boxes_cut)")
+    t.add_argument("--max-boxes", type=int, default=d.max_boxes, help="boxes per image the loss sees (static shape); more are cut and counted (boxes_cut). Default: the most objects in one training image, rounded up to a multiple of 8, at least 32")
     t.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate mAP every N epochs (and at the end)")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, with a checkpoint (default: run every epoch)")
     t.add_argument("--seed", type=int, default=d.seed, help="model init, data order and augmentation draws")
     t.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="bf16: convolutions and activations in bfloat16; parameters, optimiser, EMA, BatchNorm statistics and losses stay float32")
     t.add_argument("--log-every", type=int, default=50, help="fetch the logged values from the device every N steps (one steps.csv row per N steps)")
     t.add_argument("--devices", type=int, default=None, help="data-parallel over the first N local devices (default: all devices)")
-    t.add_argument("--cache", default=None, help="folder for a memory-mapped cache of the decoded images of a dataset on disk (default: decoded into RAM each run)")
+    t.add_argument("--cache", choices=CACHES, default="auto", help="images of a dataset on disk: 'ram' keeps each decoded frame in RAM from its first use, 'none' streams them from the files every epoch (memory independent of the dataset), 'disk' decodes them up front into a memory-mapped file in --cache-dir; 'auto': ram when the decoded frames fit in half the available memory, else none")
+    t.add_argument("--cache-dir", default=None, help="folder of --cache disk (default: ~/.cache/jaxyolo/<dataset>-<hash>)")
+    t.add_argument("--workers", type=int, default=None, help="image decode processes of --cache ram|none (default: the CPUs minus one, 1 to 8; 0 decodes in the training process)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (on a terminal), nor its one line per --log-every steps (in a file or a pipe)")
     a = t.add_argument_group("augmentation (ultralytics' default strengths; 0 turns one off)")
     a.add_argument("--mosaic", type=float, default=d.mosaic, help="probability of a 4-image mosaic")
@@ -168,12 +172,15 @@ def _train(args) -> int:
         raise SystemExit(f"error: {e}") from None
     out = _pick_out(args, cfg.loss)
     if args.resume:
-        print(f"jaxyolo train --resume: {out.absolute()} (its saved config; other options except --max-steps are ignored)", flush=True)
+        header = f"jaxyolo train --resume: {out.absolute()} (its saved config; other options except --max-steps, --cache and --workers are ignored)"
     else:
         shown = ("model", "loss", "weights", "data", "epochs", "img_size", "batch", "optimizer", "lr0", "precision")
-        print(f"jaxyolo train: {out.absolute()}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in shown)})", flush=True)
+        header = f"jaxyolo train: {out.absolute()}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in shown)})"
     try:
-        train(cfg, out, resume=args.resume, progress=not args.no_progress, log_every=args.log_every, devices=args.devices, cache=args.cache)
+        if args.workers is not None and args.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        train(cfg, out, resume=args.resume, progress=not args.no_progress, log_every=args.log_every, devices=args.devices,
+              cache=args.cache, cache_dir=args.cache_dir, workers=args.workers, header=header)
     except (*_USER_ERRORS, RunLockedError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0

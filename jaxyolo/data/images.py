@@ -2,26 +2,7 @@
 
 Every image becomes one ``(S, S, 3)`` uint8 RGB buffer, exactly the image
 ultralytics trains on and validates with (8.4.190, checked pixel for pixel in
-the tests):
-
-1. decode with Pillow, EXIF orientation applied (``ImageOps.exif_transpose``,
-   as ``cv2.imread`` does), any mode converted to RGB (grayscale replicated,
-   alpha dropped as ``cv2.IMREAD_COLOR`` drops it, palette expanded, 16-bit
-   reduced to its high byte like OpenCV).  On JPEGs Pillow's decode equals
-   ``cv2.imread`` (same libjpeg-turbo output, checked on the bundled
-   ``bus.jpg``/``zidane.jpg``);
-2. ``BaseDataset.load_image``: resize so the long side is S, the short side
-   ``min(ceil(side * S / long), S)``, with ``cv2.resize(INTER_LINEAR)``.  We
-   resize with OpenCV, not Pillow: Pillow's bilinear filter antialiases when
-   shrinking, so its pixels differ from upstream's by tens of levels;
-3. ``LetterBox(auto=False, center=True)``: centre that image in the S x S
-   frame, padding with 114.  The un-padded area is the image's *content
-   rectangle* ``[top, left, h, w]`` (mosaic tiles use it, and predictions map
-   back through it).  ``top = (S - h) // 2``, ``left = (S - w) // 2``
-   (upstream's ``round(d / 2 - 0.1)``).
-
-Labels ``(n, 5)`` normalised to the original image become normalised to the
-S x S frame: ``cx' = (cx * w + left) / S``, ``w' = w_box * w / S``.
+the tests); the steps are in :mod:`jaxyolo.data.decode`.
 
 A file that cannot be decoded, is smaller than 10 px on a side (upstream's
 ``check_image``), or whose size differs from the size its COCO entry declares,
@@ -42,7 +23,6 @@ the same key decodes nothing; labels are recomputed from the label files
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxyolo.data.dataset import DetectionData
+from jaxyolo.data.decode import PAD_VALUE, decode_image, decode_into, failure_reason, letterbox, letterbox_boxes
 from jaxyolo.data.formats import DataError, SplitSpec, discover
 
 __all__ = [
@@ -63,9 +44,7 @@ __all__ = [
     "read_images",
 ]
 
-PAD_VALUE = 114  # upstream's letterbox / mosaic / warp fill
 CACHE_VERSION = 1
-MIN_SIDE = 10  # ultralytics check_image: smaller images are corrupt
 _WARN_NAMES = 3
 
 
@@ -73,92 +52,13 @@ def print_warning(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def decode_image(path) -> np.ndarray:
-    """Decode one image file.
-
-    Returns:
-      ``(h, w, 3)`` uint8 RGB, EXIF orientation applied.
-
-    Raises:
-      OSError / ValueError (whatever Pillow raises) for unreadable files.
-    """
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        try:
-            im = ImageOps.exif_transpose(im)
-        except Exception:  # a broken EXIF block: decode as stored, like cv2 does
-            pass
-        if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit: the high byte, as cv2.IMREAD_COLOR
-            a = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
-        elif im.mode == "F":
-            a = np.asarray(im).clip(0, 255).astype(np.uint8)
-        else:
-            a = np.asarray(im.convert("RGB"))
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=-1)
-    return a
-
-
-def letterbox(image: np.ndarray, size: int, out: np.ndarray | None = None):
-    """Upstream's ``load_image`` resize + ``LetterBox(auto=False, center=True)``.
-
-    Args:
-      image: ``(h0, w0, 3)`` uint8.
-      size: S.
-      out: optional ``(S, S, 3)`` uint8 buffer to write into.
-
-    Returns:
-      ``(frame (S, S, 3) uint8, rect (4,) int32 [top, left, h, w])``: the
-      letterboxed image and where the resized image lies in it.
-    """
-    import cv2
-
-    h0, w0 = image.shape[:2]
-    r = size / max(h0, w0)
-    if r != 1:
-        w, h = min(math.ceil(w0 * r), size), min(math.ceil(h0 * r), size)
-        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    h, w = image.shape[:2]
-    top, left = (size - h) // 2, (size - w) // 2  # == upstream round((size - h) / 2 - 0.1)
-    if out is None:
-        out = np.empty((size, size, 3), np.uint8)
-    out[:top], out[top + h :] = PAD_VALUE, PAD_VALUE
-    out[top : top + h, :left], out[top : top + h, left + w :] = PAD_VALUE, PAD_VALUE
-    out[top : top + h, left : left + w] = image
-    return out, np.asarray([top, left, h, w], np.int32)
-
-
 def letterbox_labels(labels: np.ndarray, rect, size: int) -> np.ndarray:
-    """Labels of the original image -> labels of its letterboxed frame.
-
-    Args:
-      labels: ``(n, 5)`` ``[class, cx, cy, w, h]`` normalised to the original.
-      rect: ``[top, left, h, w]`` content rectangle in the S x S frame (pixels).
-      size: S.
-
-    Returns:
-      ``(n, 5)`` float32, boxes normalised to the S x S frame.
-    """
-    top, left, h, w = (float(v) for v in rect)
+    """Labels ``(n, 5) [class, cx, cy, w, h]`` normalised to the original
+    image -> the same rows with boxes normalised to its letterboxed S x S
+    frame, ``rect`` its ``[top, left, h, w]`` (:func:`letterbox_boxes`)."""
     out = np.array(labels, np.float32, copy=True).reshape(-1, 5)
-    out[:, 1] = (out[:, 1] * w + left) / size
-    out[:, 2] = (out[:, 2] * h + top) / size
-    out[:, 3] *= w / size
-    out[:, 4] *= h / size
+    out[:, 1:] = letterbox_boxes(out[:, 1:], np.asarray(rect)[None], size)
     return out
-
-
-def _decode_into(path, size: int, out: np.ndarray, declared=None):
-    """Decode + letterbox ``path`` into ``out``; ``(original image, rect)`` or raise."""
-    image = decode_image(path)
-    h0, w0 = image.shape[:2]
-    if h0 < MIN_SIDE or w0 < MIN_SIDE:
-        raise ValueError(f"image size {w0}x{h0} < {MIN_SIDE} pixels")
-    if declared is not None and (h0, w0) != tuple(int(v) for v in declared):
-        raise ValueError(f"size {w0}x{h0} differs from the annotation's {int(declared[1])}x{int(declared[0])}")
-    _, rect = letterbox(image, size, out=out)
-    return image, rect
 
 
 def read_images(paths, size: int, out: np.ndarray, *, declared=None, workers: int | None = None, keep_originals: bool = False):
@@ -188,13 +88,12 @@ def read_images(paths, size: int, out: np.ndarray, *, declared=None, workers: in
 
     def work(i):
         try:
-            image, rects[i] = _decode_into(paths[i], size, out[i], None if declared is None else declared[i])
+            image, rects[i] = decode_into(paths[i], size, out[i], None if declared is None else declared[i])
             shapes[i] = image.shape[:2]
             if keep_originals:
                 originals[i] = image
         except Exception as e:  # Pillow raises many types for corrupt files
-            reason = str(e).replace(f"'{os.fspath(paths[i])}'", "").replace(os.fspath(paths[i]), "")
-            errors[i] = " ".join(f"{type(e).__name__}: {reason}".split())
+            errors[i] = failure_reason(e, paths[i])
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as ex:
         list(ex.map(work, range(n)))

@@ -22,10 +22,13 @@ rows ``[p B / P, (p + 1) B / P)`` of every global batch, and
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 
 import numpy as np
+
+from jaxyolo.data.decode import letterbox_boxes
 
 __all__ = ["PaddedLabels", "pad_labels", "epoch_permutation", "TrainBatches", "eval_batches", "Prefetcher"]
 
@@ -80,8 +83,7 @@ class TrainBatches:
         if batch_size % process_count:
             raise ValueError(f"batch={batch_size} is not divisible by the {process_count} processes")
         self.images = data.images
-        self.rects = np.asarray(data.content_rects, np.int32)
-        self.labels = pad_labels(data.labels, max_boxes)
+        self.source = _Source(data, max_boxes)
         self.n = len(data)
         self.batch_size, self.seed = batch_size, seed
         self.steps_per_epoch = self.n // batch_size
@@ -105,8 +107,24 @@ class TrainBatches:
         return np.concatenate([idx, self._others[rows][self._rows]], axis=1) if mosaic else idx
 
     def batch(self, epoch: int, k: int, *, mosaic: bool = False) -> dict:
-        idx = self.indices(epoch, k, mosaic=mosaic)
-        return {"image": self.images[idx], "rects": self.rects[idx], **{name: a[idx] for name, a in self.labels.items()}}
+        return self.source.collect(self.source.request(self.indices(epoch, k, mosaic=mosaic)))
+
+    def stream(self, positions, *, mosaic_of, ahead: int = 2):
+        """Yield ``(position, batch)`` for each ``(epoch, k)`` of ``positions``
+        with ``mosaic_of(epoch)``; a streamed dataset's decodes run ``ahead``
+        batches in front of the one yielded."""
+        pending = collections.deque()
+        positions = iter(positions)
+        while True:
+            while len(pending) <= ahead:
+                pos = next(positions, None)
+                if pos is None:
+                    break
+                pending.append((pos, self.source.request(self.indices(*pos, mosaic=mosaic_of(pos[0])))))
+            if not pending:
+                return
+            pos, req = pending.popleft()
+            yield pos, self.source.collect(req)
 
     def positions(self, epoch: int, k: int, *, epochs: int, max_steps: int | None = None, done: int = 0):
         """Yield ``(epoch, k)`` from the given position to the end of
@@ -126,18 +144,58 @@ def eval_batches(data, *, batch_size: int, max_boxes: int, process_index: int = 
     static global size ``batch_size``: the last one is padded with copies of
     the first image with no labels (``n_valid`` real images).  With several
     processes each yields its rows of the global batch (as
-    :class:`TrainBatches`)."""
-    labels = pad_labels(data.labels, max_boxes)
+    :class:`TrainBatches`).  A streamed dataset decodes the next batch while
+    this one is evaluated."""
+    source = _Source(data, max_boxes)
     n = len(data)
     per = batch_size // process_count
     rows = slice(process_index * per, (process_index + 1) * per)
-    for start in range(0, n, batch_size):
+
+    def request(start):
         idx = np.arange(start, start + batch_size)
         valid = idx < n
-        idx = np.where(valid, idx, 0)[rows]
-        batch = {"image": data.images[idx], **{k: a[idx] for k, a in labels.items()}}
+        return valid, source.request(np.where(valid, idx, 0)[rows])
+
+    starts = range(0, n, batch_size)
+    nxt = request(0) if n else None
+    for j, _ in enumerate(starts):
+        valid, req = nxt
+        nxt = request(starts[j + 1]) if j + 1 < len(starts) else None
+        batch = source.collect(req)
+        del batch["rects"]
         batch["mask"] = batch["mask"] & valid[rows][:, None]
         yield batch, int(valid.sum())
+
+
+class _Source:
+    """Batches of ``data`` by dataset indices: ``collect(request(idx))`` is
+    ``image (*idx.shape, S, S, 3) uint8``, ``rects (*idx.shape, 4)`` int32,
+    ``boxes``, ``classes``, ``mask`` (labels padded to M).  In memory the
+    request is the indices; for a :class:`jaxyolo.data.stream.StreamedData`
+    it starts the decodes, and the labels (kept normalised to the original
+    images) are letterboxed by the decoded rects: the same numbers as the
+    labels of :func:`jaxyolo.data.load_data`."""
+
+    def __init__(self, data, max_boxes: int):
+        from jaxyolo.data.stream import StreamedData
+
+        self.streamed = isinstance(data, StreamedData)
+        self.images, self.size = data.images, data.img_size
+        self.labels = pad_labels(data.source_labels if self.streamed else data.labels, max_boxes)
+        self.rects = None if self.streamed else np.asarray(data.content_rects, np.int32)
+
+    def request(self, idx):
+        return (idx, self.images.request(idx)) if self.streamed else (idx, None)
+
+    def collect(self, req) -> dict:
+        idx, ticket = req
+        labels = {name: a[idx] for name, a in self.labels.items()}
+        if ticket is None:
+            return {"image": self.images[idx], "rects": self.rects[idx], **labels}
+        image, rects, ok = self.images.collect(ticket)
+        mask = labels["mask"] & ok[..., None]
+        boxes = np.where(mask[..., None], letterbox_boxes(labels["boxes"], rects[..., None, :], self.size), np.float32(0))
+        return {"image": image, "rects": rects, "boxes": boxes, "classes": np.where(mask, labels["classes"], 0), "mask": mask}
 
 
 class Prefetcher:

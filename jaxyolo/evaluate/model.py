@@ -17,7 +17,9 @@ def evaluate_model(predict, params, stats, data, *, batch_size: int, max_boxes: 
         (B, D, 4) xyxy px, scores (B, D), classes (B, D), valid (B, D))``, the
         outputs of :func:`jaxyolo.evaluate.batched_nms` (jitted, batch-sharded).
       params, stats: the model's parameters and BatchNorm statistics.
-      data: a :class:`jaxyolo.data.DetectionData`.
+      data: a :class:`jaxyolo.data.DetectionData` or a streamed
+        :class:`jaxyolo.data.stream.StreamedData` (its images decoded as the
+        batches go; the unreadable ones left out of the metric).
       batch_size: the static global batch B (the last batch is padded).
       max_boxes: M for the padded labels (unused by the metric; keeps the batch layout).
       sharding: the batch sharding of ``predict``'s images (each process
@@ -34,4 +36,9 @@ def evaluate_model(predict, params, stats, data, *, batch_size: int, max_boxes: 
         b, s, c, v = parallel.fetch(predict(params, stats, images))
         for i in range(n):
             dets.append((b[i][v[i]], s[i][v[i]], c[i][v[i]]))
-    return coco_map(list(data.labels), dets, img_size=data.img_size, nc=data.nc)
+    labels = list(data.labels)
+    failed = getattr(data, "failed", {})  # a streamed split's unreadable images: left out, as load_data leaves them out
+    if failed:
+        keep = [i for i in range(len(labels)) if i not in failed]
+        labels, dets = [labels[i] for i in keep], [dets[i] for i in keep]
+    return coco_map(labels, dets, img_size=data.img_size, nc=data.nc)

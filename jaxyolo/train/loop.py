@@ -37,7 +37,10 @@ import numpy as np
 
 from jaxyolo import parallel
 from jaxyolo.data import DataError, load_data
+from jaxyolo.data.formats import discover
+from jaxyolo.data.images import load_split
 from jaxyolo.data.pipeline import Prefetcher, TrainBatches
+from jaxyolo.data.stream import DecodePool, choose_cache, default_cache_dir, default_workers, open_split
 from jaxyolo.evaluate import evaluate_model
 from jaxyolo.train import checkpoint as ckpt
 from jaxyolo.train.config import TrainConfig
@@ -47,22 +50,58 @@ from jaxyolo.train.step import Session, main_loss_names, new_acc
 __all__ = ["train", "evaluate_checkpoint", "load_session"]
 
 
-def _load(config: TrainConfig, data, cache):
-    if data is not None:
-        return data
-    kw = dict(img_size=config.img_size, nc=config.nc, images=config.images, cache=cache)
-    train_data = load_data(config.data, "train", embedded_size=config.train_size, **kw)
-    val_data = load_data(config.data, "val", embedded_size=config.val_size, **kw)
-    if val_data.names != train_data.names:
-        raise DataError(f"{config.data}: the val split's classes {val_data.names[:5]}... differ from the train split's {train_data.names[:5]}...")
-    return train_data, val_data
+def _open_data(config: TrainConfig, *, cache: str, cache_dir, workers, ring: int, stack):
+    """The run's ``(train, val)`` splits and how their images come: ``(train,
+    val, how)``, ``how`` the words for the run's first line.  The embedded
+    set is rendered in RAM; a dataset on disk is indexed (no image opened)
+    and its images stream from decode workers (``cache`` "none"), fill a RAM
+    buffer as batches first ask for them ("ram"), or are decoded up front
+    into a memory-mapped file in ``cache_dir`` ("disk";
+    :func:`jaxyolo.data.load_data`).  "auto" picks "ram" or "none"
+    (:func:`jaxyolo.data.stream.choose_cache`)."""
+    if config.data == "embedded":
+        kw = dict(img_size=config.img_size, nc=config.nc)
+        return load_data("embedded", "train", embedded_size=config.train_size, **kw), load_data("embedded", "val", embedded_size=config.val_size, **kw), "embedded, rendered in RAM"
+    specs = [discover(config.data, split, images=config.images, nc=config.nc) for split in ("train", "val")]
+    if specs[1].names != specs[0].names:
+        raise DataError(f"{config.data}: the val split's classes {specs[1].names[:5]}... differ from the train split's {specs[0].names[:5]}...")
+    mode, why = choose_cache(cache, n_images=sum(len(sp) for sp in specs), img_size=config.img_size)
+    if mode == "disk":
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(config.data)
+        splits = tuple(load_split(sp, img_size=config.img_size, cache=folder / f"{split}-{config.img_size}.npy") for sp, split in zip(specs, ("train", "val")))
+        return (*splits, f"cache=disk ({folder}, decoded up front)")
+    workers = default_workers() if workers is None else workers
+    pool = stack.enter_context(DecodePool(workers))
+    splits = tuple(open_split(sp, img_size=config.img_size, pool=pool, cache=mode, ring=ring) for sp in specs)
+    for sp in splits:
+        stack.callback(sp.close)
+    return (*splits, f"cache={mode}{' (auto: ' + why + ')' if cache == 'auto' else ''}, {workers} decode worker{'s' * (workers != 1)}")
 
 
-def _evaluate(session: Session, val_data, *, batch_size=None):
-    return evaluate_model(
+def default_max_boxes(data) -> int:
+    """M when none is given: the most objects in one training image rounded
+    up to a multiple of 8, at least 32 (a mosaic holds 4 images' boxes)."""
+    return max(32, -(-data.max_objects() // 8) * 8)
+
+
+def _report_failures(data, log):
+    """One warning line for the images of a streamed split found unreadable since the last call."""
+    take = getattr(getattr(data, "images", None), "take_failures", None)
+    bad = take() if take is not None else []
+    if bad:
+        shown = ", ".join(f"{Path(f).name} ({why})" for f, why in bad[:3])
+        more = f", and {len(bad) - 3} more" if len(bad) > 3 else ""
+        log(f"warning: {len(bad)} image{'s' * (len(bad) != 1)} cannot be read ({len(data.failed)} in all so far); each trains as an empty frame and is left out of the mAP: {shown}{more}")
+
+
+def _evaluate(session: Session, val_data, *, batch_size=None, log=None):
+    res = evaluate_model(
         session.predict, session.ema["params"], session.ema["stats"], val_data,
         batch_size=batch_size or session.config.batch, max_boxes=session.config.max_boxes, sharding=session.batch_sharding,
     )
+    if log is not None:
+        _report_failures(val_data, log)
+    return res
 
 
 def _print(msg: str):
@@ -91,17 +130,20 @@ def _contents(out_dir: Path) -> str:
 
 def train(
     config: TrainConfig, out_dir, *, resume: bool = False, progress: bool = True, log=_print, data=None,
-    log_every: int = 50, devices: int | None = None, prefetch: int = 2, cache=None,
+    log_every: int = 50, devices: int | None = None, prefetch: int = 2, cache: str = "auto", cache_dir=None,
+    workers: int | None = None, header: str | None = None,
 ):
     """Train, evaluate every ``eval_every`` epochs, checkpoint every epoch.
 
     Args:
       config: the run's :class:`TrainConfig` (with ``resume`` the saved one is
-        used; only ``max_steps`` may change).
+        used; only ``max_steps`` may change).  ``max_boxes=None`` becomes
+        :func:`default_max_boxes` of the training split (saved resolved).
       out_dir: run folder (created after the inputs validate).
       resume: continue from the latest checkpoint in ``out_dir``; the next
         step sees the same batch, parameters, optimiser and EMA state as an
-        uninterrupted run, so its loss is identical.
+        uninterrupted run, so its loss is identical (with any ``cache`` and
+        ``workers``).
       progress: show a progress bar on a terminal, one line per log point
         otherwise (see :class:`jaxyolo.train.logs.Progress`); False: neither.
       log: where summary lines go (the compile lines too, on process 0).
@@ -109,10 +151,18 @@ def train(
       log_every: fetch the logged values every this many steps (a device
         sync); they never change the training itself.
       devices: use the first N local devices (None: all devices of all processes).
-      prefetch: batches gathered and transferred ahead of the step (>= 1).
-      cache: a folder for the decoded-image cache of a dataset on disk
-        (``<split>-<S>.npy`` memory-mapped files; a second run decodes
-        nothing); None keeps the decoded images in RAM.
+      prefetch: batches gathered and transferred ahead of the step (>= 1);
+        a streamed dataset's decodes run ``max(prefetch, 2)`` batches ahead.
+      cache: how the images of a dataset on disk reach the batches:
+        ``"auto"`` (default), ``"ram"``, ``"disk"`` or ``"none"`` (streamed);
+        see :func:`_open_data`.
+      cache_dir: the folder of ``cache="disk"`` (default
+        :func:`jaxyolo.data.stream.default_cache_dir`).
+      workers: decode processes of a streamed dataset (default
+        :func:`jaxyolo.data.stream.default_workers`; 0: decode on the
+        prefetch thread).
+      header: the run's first line, to which the data source is appended
+        (the CLI's ``jaxyolo train: ...``); None: no such line.
 
     Returns:
       dict with ``map50``, ``map50_95`` (final, EMA model, val split; None
@@ -144,7 +194,20 @@ def train(
             config = dataclasses.replace(TrainConfig.from_json(meta["config"]), max_steps=config.max_steps)
         # Validate every input before the first write into out_dir.
         parallel.check_batch(config.batch, mesh)
-        train_data, val_data = _load(config, data, cache)
+        per_process = config.batch // jax.process_count()
+        ahead = max(prefetch, 2)
+        if data is not None:
+            (train_data, val_data), how = data, "data given in memory"
+        else:
+            ring = (ahead + 2) * per_process * 4  # the frames of every request in flight (4: a mosaic's)
+            train_data, val_data, how = _open_data(config, cache=cache, cache_dir=cache_dir, workers=workers, ring=ring, stack=stack)
+        if header is not None and primary:
+            log(f"{header}  data: {how}")
+        most = train_data.max_objects()
+        if config.max_boxes is None:
+            config = dataclasses.replace(config, max_boxes=default_max_boxes(train_data))
+        elif config.max_boxes < most and not resume and primary:
+            log(f"warning: max_boxes={config.max_boxes} is below the {most} objects of the most crowded training image: the boxes beyond it are cut (counted in boxes_cut)")
         batches = TrainBatches(
             train_data, batch_size=config.batch, max_boxes=config.max_boxes, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
@@ -186,7 +249,7 @@ def train(
 
         if meta is not None and epoch >= config.epochs:
             log(f"{where}: the run is complete ({config.epochs} epochs, {done} steps); re-evaluating its EMA model")
-            ev = _evaluate(session, val_data)
+            ev = _evaluate(session, val_data, log=log)
             log(f"val mAP@0.5 = {ev['map50']:.4f}   mAP@0.5:0.95 = {ev['map50_95']:.4f}   ({done} steps)")
             return result(ev, [], [])
         if config.max_steps is not None and done >= config.max_steps:
@@ -203,7 +266,7 @@ def train(
         losses, log_times, last_eval = [], [], None
         t_epoch = time.perf_counter()
         positions = batches.positions(epoch, start, epochs=config.epochs, max_steps=config.max_steps, done=done)
-        host = ((pos, batches.batch(*pos, mosaic=config.mosaic_in_epoch(pos[0]))) for pos in positions)
+        host = batches.stream(positions, mosaic_of=config.mosaic_in_epoch, ahead=ahead)
         stream = stack.enter_context(Prefetcher(host, sharding=session.batch_sharding, depth=prefetch))
         view = Progress(epochs=config.epochs, steps_per_epoch=spe, names=("loss", *names), enabled=progress and primary)
         stack.callback(view.end)
@@ -238,10 +301,11 @@ def train(
             session.state, session.ema = state, ema
             if end_of_epoch:
                 view.end()
+                _report_failures(train_data, say)
                 epoch = ep + 1
                 erow = {"epoch": epoch, "step": done, **{k2: float(a["epoch"][k2]) / int(a["epoch_n"]) for k2 in session.names}, "epoch_s": round(time.perf_counter() - t_epoch, 2)}
                 if epoch % config.eval_every == 0 or epoch == config.epochs:
-                    last_eval = _evaluate(session, val_data)
+                    last_eval = _evaluate(session, val_data, log=say)
                     erow.update(last_eval)
                     if progress and primary:
                         log(f"epoch {epoch}: val mAP@0.5 {last_eval['map50']:.4f}  mAP@0.5:0.95 {last_eval['map50_95']:.4f}")
@@ -260,7 +324,7 @@ def train(
             log(f"stopped at step {done} (max_steps); checkpoint in {where / 'checkpoints'}")
             return result(None, losses, log_times)
         if last_eval is None:
-            last_eval = _evaluate(session, val_data)
+            last_eval = _evaluate(session, val_data, log=say)
         secs = time.perf_counter() - t_start
         if primary:
             try:
