@@ -371,20 +371,32 @@ def test_log_every_validated(tmp_path):
 @pytest.mark.slow
 def test_multi_process_run_equals_one_device(tmp_path):
     """Two processes x two CPU devices, launched with the standard coordinator
-    variables (as on a multi-host GPU/TPU cluster): each process gathers its
-    half of every batch, the losses equal a one-device run's."""
+    variables (as on a multi-host GPU/TPU cluster), streaming a dataset on
+    disk: each process decodes only the files of its half of every batch
+    (mosaic frames included; counted), the losses equal a one-device run's."""
     import socket
 
+    from _datasets import make_yaml_dataset
+
+    from jaxyolo.data.formats import discover
+    from jaxyolo.data.pipeline import TrainBatches
+    from jaxyolo.data.stream import DecodePool, open_split
+
+    data_yaml, _ = make_yaml_dataset(tmp_path / "data", n_train=63, n_val=4)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     code = textwrap.dedent(f"""
         import json, sys
         import jax
+        from jaxyolo.data.stream import StreamedFrames
         from jaxyolo.train import TrainConfig, train
-        cfg = TrainConfig(img_size=64, batch=8, epochs=1, train_size=64, val_size=8, max_boxes=8, warmup_min_steps=2, max_steps=4)
-        r = train(cfg, sys.argv[1], progress=False, log=lambda *_: None, log_every=1)
-        print(json.dumps([jax.process_index(), jax.process_count(), jax.device_count(), r["losses"]]))
+        opened = []
+        submit = StreamedFrames._submit
+        StreamedFrames._submit = lambda self, i, row: (opened.append(self.files[i]), submit(self, i, row))[1]
+        cfg = TrainConfig(data={str(data_yaml)!r}, img_size=64, batch=8, epochs=1, max_boxes=8, warmup_min_steps=2, max_steps=4, close_mosaic=0)
+        r = train(cfg, sys.argv[1], progress=False, log=lambda *_: None, log_every=1, cache="none", workers=1)
+        print(json.dumps([jax.process_index(), jax.process_count(), jax.device_count(), r["losses"], opened]))
     """)
     procs = []
     for i in range(2):
@@ -393,13 +405,23 @@ def test_multi_process_run_equals_one_device(tmp_path):
         procs.append(subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "mh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=900) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    got = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
-    assert sorted(g[0] for g in got) == [0, 1] and all(g[1:3] == [2, 4] for g in got)
+    got = sorted(json.loads(o[0].strip().splitlines()[-1]) for o in outs)
+    assert [g[0] for g in got] == [0, 1] and all(g[1:3] == [2, 4] for g in got)
     one = json.loads(_run_script(code.replace("sys.argv[1]", repr(str(tmp_path / "one")))).strip().splitlines()[-1])
     assert one[1:3] == [1, 1]
     np.testing.assert_allclose(got[0][3][0], one[3][0], rtol=1e-5)
     np.testing.assert_allclose(got[0][3], one[3], rtol=2e-3)  # see the 4-device test
     assert got[0][3] == got[1][3]
+    # Each process opened exactly the files of its rows of the 4 batches (x 4 mosaic frames), once per batch.
+    spec = discover(data_yaml, "train")
+    with DecodePool(0) as pool:
+        index = open_split(spec, img_size=64, pool=pool)
+        for p in range(2):
+            rows = TrainBatches(index, batch_size=8, max_boxes=8, seed=0, process_index=p, process_count=2)
+            mine = [str(spec.files[i]) for k in range(4) for i in np.unique(rows.indices(0, k, mosaic=True))]
+            assert sorted(got[p][4]) == sorted(mine)
+        index.close()
+    assert len(set(got[0][4])) < len(spec.files) and len(set(got[1][4])) < len(spec.files)  # neither opened the whole set
     # Only process 0 wrote the logs; the checkpoint is one, written jointly.
     assert len(_rows(tmp_path / "mh" / "steps.csv")) == 4
     assert ckpt.manager(tmp_path / "mh").latest_step() == 4
