@@ -3,6 +3,7 @@
     python experiments/bench_train.py --tiny                 # pico, 64 px, batch 8
     python experiments/bench_train.py                        # the default `jaxyolo train` config
     python experiments/bench_train.py --model small --img-size 640 --batch 32
+    python experiments/bench_train.py --stream --img-size 640 --batch 16 --steps 40 --warmup 10 --log-every 10
 
 Prints, for one config, on JAX's default backend:
 
@@ -19,6 +20,11 @@ Prints, for one config, on JAX's default backend:
 
 and last ``efficiency X`` with X = (a) / (b): 1.0 means the loop adds nothing
 to the step.  Evaluation (mAP) is not part of the loop timed here.
+
+``--stream [DATA_YAML]``: the images come from JPEG files, decoded by
+``--workers`` processes as the batches need them (``cache="none"``, every
+epoch from the files); default the 2 000-JPEG folder of
+``experiments/bench_data.py`` (made once).  The embedded set otherwise.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, default=None)
     p.add_argument("--train-size", type=int, default=None, help="embedded train images (default: the trainer's 3000; fewer for large image sizes)")
     p.add_argument("--no-augment", action="store_true", help="turn every augmentation off (default: the trainer's defaults, mosaic on)")
+    p.add_argument("--stream", nargs="?", const="", default=None, metavar="DATA_YAML", help="stream JPEG files (default: bench_data.py's 2000-image folder)")
+    p.add_argument("--workers", type=int, default=2, help="decode processes with --stream")
     args = p.parse_args(argv)
 
     import jax
@@ -74,8 +82,23 @@ def main(argv=None) -> int:
           f"train_size={cfg.train_size} log_every={args.log_every}; augmentation: {'off' if args.no_augment else 'mosaic ' + str(cfg.mosaic) + ' + affine + HSV + flip'}; "
           f"{args.warmup} warm-up + {args.steps} timed steps")
 
-    train_data = load_embedded("train", img_size=cfg.img_size, size=cfg.train_size)
-    val_data = load_embedded("val", img_size=cfg.img_size, size=cfg.batch)
+    if args.stream is None:
+        train_data = load_embedded("train", img_size=cfg.img_size, size=cfg.train_size)
+        val_data = load_embedded("val", img_size=cfg.img_size, size=cfg.batch)
+    else:
+        from pathlib import Path
+
+        from bench_data import make_folder
+
+        from jaxyolo.data.formats import discover
+        from jaxyolo.data.stream import DecodePool, open_split
+        from jaxyolo.train.loop import default_max_boxes
+
+        yaml = args.stream or make_folder(Path(__file__).parent / ".bench-data", 2000)
+        pool = DecodePool(args.workers)
+        train_data = val_data = open_split(discover(yaml, "train"), img_size=cfg.img_size, pool=pool, cache="none", ring=4 * cfg.batch * 4)
+        cfg = dataclasses.replace(cfg, max_boxes=default_max_boxes(train_data), epochs=max(2, -(-total // (len(train_data) // cfg.batch)) + 1))
+        print(f"streamed: {len(train_data)} JPEGs of {yaml}, {args.workers} decode workers, cache none")
     batches = TrainBatches(train_data, batch_size=cfg.batch, max_boxes=cfg.max_boxes, seed=cfg.seed)
 
     # (a) the bare step: the loop's compiled function (one compile, shared by

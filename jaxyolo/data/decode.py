@@ -60,7 +60,7 @@ def decode_image(path) -> np.ndarray:
 
     with Image.open(path) as im:
         try:
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of the decoded image
         except Exception:  # a broken EXIF block: decode as stored, like cv2 does
             pass
         if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit: the high byte, as cv2.IMREAD_COLOR
@@ -68,7 +68,7 @@ def decode_image(path) -> np.ndarray:
         elif im.mode == "F":
             a = np.asarray(im).clip(0, 255).astype(np.uint8)
         else:
-            a = np.asarray(im.convert("RGB"))
+            a = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=-1)
     return a
