@@ -29,6 +29,7 @@ import threading
 import numpy as np
 
 from jaxyolo.data.decode import letterbox_boxes
+from jaxyolo.data.stream import StreamedData
 
 __all__ = ["PaddedLabels", "pad_labels", "epoch_permutation", "TrainBatches", "eval_batches", "Prefetcher"]
 
@@ -82,7 +83,6 @@ class TrainBatches:
             raise ValueError(f"the training set has {len(data)} images, fewer than batch={batch_size}")
         if batch_size % process_count:
             raise ValueError(f"batch={batch_size} is not divisible by the {process_count} processes")
-        self.images = data.images
         self.source = _Source(data, max_boxes)
         self.n = len(data)
         self.batch_size, self.seed = batch_size, seed
@@ -177,8 +177,6 @@ class _Source:
     labels of :func:`jaxyolo.data.load_data`."""
 
     def __init__(self, data, max_boxes: int):
-        from jaxyolo.data.stream import StreamedData
-
         self.streamed = isinstance(data, StreamedData)
         self.images, self.size = data.images, data.img_size
         self.labels = pad_labels(data.source_labels if self.streamed else data.labels, max_boxes)

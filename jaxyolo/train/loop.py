@@ -95,9 +95,10 @@ def _report_failures(data, log):
 
 
 def _evaluate(session: Session, val_data, *, batch_size=None, log=None):
+    m = session.config.max_boxes or default_max_boxes(val_data)  # None: converted weights, no run's M
     res = evaluate_model(
         session.predict, session.ema["params"], session.ema["stats"], val_data,
-        batch_size=batch_size or session.config.batch, max_boxes=session.config.max_boxes, sharding=session.batch_sharding,
+        batch_size=batch_size or session.config.batch, max_boxes=m, sharding=session.batch_sharding,
     )
     if log is not None:
         _report_failures(val_data, log)
