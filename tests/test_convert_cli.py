@@ -134,6 +134,34 @@ def test_eval_converted_weights_at_img_size(grid, capsys, monkeypatch):
     assert seen[-1] == ((1, 640, 640, 3), [[160, 0, 320, 640]])  # the 64 x 32 image scaled by 10, centred
 
 
+def test_eval_converted_weights_class_names(grid, tmp_path, capsys, monkeypatch):
+    """The weights' class names must be the dataset's (count and order);
+    weights without names need only the same count."""
+    from jaxyolo.models import save_weights
+
+    pt, root = grid
+    seen = _record_eval(monkeypatch, run=False)
+    text = (root / "data.yaml").read_text()
+
+    def data(names: str):
+        f = tmp_path / f"{len(list(tmp_path.glob('*.yaml')))}.yaml"
+        f.write_text(text.replace("names: [a, b, c]", f"names: [{names}]"))
+        return str(f)
+
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint's 3 classes differ from the dataset's: class 1 is 'b' in the checkpoint, 'x' in the dataset$"):
+        main(["eval", "--checkpoint", str(pt), "--data", data("a, x, c")])
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint's 3 classes \('a', 'b', 'c'\) differ from the dataset's 2 \('a', 'b'\)$"):
+        main(["eval", "--checkpoint", str(pt), "--data", data("a, b")])
+    assert seen == []  # refused before evaluating
+    model = load_weights(pt)
+    model.class_names = None
+    nameless = save_weights(model, tmp_path / "nameless")
+    assert main(["eval", "--checkpoint", str(nameless), "--data", data("x, y, z")]) == 0
+    assert f"{nameless} (converted weights, 640 px): val mAP@0.5 = " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint's 3 classes \('0', '1', '2'\) differ from the dataset's 2"):
+        main(["eval", "--checkpoint", str(nameless), "--data", data("x, y")])
+
+
 def test_convert(checkpoints, tmp_path, capsys):
     assert main(["convert", str(checkpoints / "yolov8n.pt"), "--out", str(tmp_path / "w")]) == 0
     assert "(yolov8n, nc=3, classes a, b, c)" in capsys.readouterr().out
