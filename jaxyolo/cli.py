@@ -2,7 +2,7 @@
 
     jaxyolo train [--loss yolov8|yolov5|yolox] [--data embedded|data.yaml|COCO|DIR] [--epochs N]
                   [--img-size S] [--batch B] [--out DIR] [--resume] [augmentation flags] ...
-    jaxyolo eval --checkpoint RUN [--data ...]
+    jaxyolo eval --checkpoint RUN|WEIGHTS [--data ...] [--img-size S]
     jaxyolo predict SOURCE --checkpoint RUN [--out DIR] [--conf 0.25] [--iou 0.7] [--save-txt]
     jaxyolo convert FILE [--name N] --out DIR                 (PyTorch checkpoint -> jaxyolo weights)
     jaxyolo compare --weights FILE [--name N] [--images DIR]  (upstream vs converted, the parity report)
@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument(f"--{name}", type=float, default=getattr(d, name.replace("-", "_")), help=help_)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint's EMA model (mAP) on its val split or another dataset's", formatter_class=_Help)
-    e.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoints/ folder)")
+    e.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoints/ folder), or converted weights: a `jaxyolo convert` folder or an upstream .pt/.pth (with --data)")
     e.add_argument("--data", default=None, help="evaluate on this dataset's val split instead (same formats as train --data)")
     e.add_argument("--images", default=None, help="the images folder of a COCO .json --data")
+    e.add_argument("--img-size", type=int, default=None, help="evaluation size, multiple of 32: the val images are letterboxed to it and the model runs at it (default: the run's training size; 640 for converted weights, as upstream's `yolo val`)")
     e.add_argument("--batch", type=int, default=None, help="evaluation batch (default: the run's batch)")
     e.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--conf", type=float, default=0.25, help="score threshold")
     r.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
     r.add_argument("--max-det", type=int, default=300, help="detections per image")
-    r.add_argument("--img-size", type=int, default=None, help="inference size, multiple of 32 (default: the run's training size)")
+    r.add_argument("--img-size", type=int, default=None, help="inference size, multiple of 32 (default: the run's training size; 640 for converted weights)")
     r.add_argument("--batch", type=int, default=8, help="images per forward pass")
     r.add_argument("--save-txt", action="store_true", help="also write labels/<image>.txt: 'cls cx cy w h conf' normalised to the original image")
 
@@ -190,7 +191,7 @@ def _eval(args) -> int:
     from jaxyolo.train import evaluate_checkpoint
 
     try:
-        evaluate_checkpoint(args.checkpoint, batch_size=args.batch, devices=args.devices, data=args.data, images=args.images)
+        evaluate_checkpoint(args.checkpoint, batch_size=args.batch, devices=args.devices, data=args.data, images=args.images, img_size=args.img_size)
     except _USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
     return 0
@@ -208,15 +209,13 @@ def _predict(args) -> int:
         for name, v, lo, hi in (("conf", args.conf, 0.0, 1.0), ("iou", args.iou, 0.0, 1.0)):
             if not lo <= v <= hi:
                 raise ValueError(f"--{name} must be in [{lo}, {hi}], got {v}")
-        if args.img_size is not None and (args.img_size < 32 or args.img_size % 32):
-            raise ValueError(f"--img-size must be a positive multiple of 32, got {args.img_size}")
         if args.batch < 1 or args.max_det < 1:
             raise ValueError("--batch and --max-det must be >= 1")
-        session, meta = load_session(args.checkpoint, devices=1)
+        session, meta = load_session(args.checkpoint, devices=1, img_size=args.img_size)  # checks --img-size first
     except _USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out) if args.out is not None else _next_free(Path("runs") / "predict")
-    size = args.img_size or session.config.img_size
+    size = session.config.img_size
     conf, iou, max_det = args.conf, args.iou, args.max_det
     nms = jax.jit(lambda p, s, im: batched_nms(*session.decode_images(p, s, im), conf_thres=conf, iou_thres=iou, max_det=max_det))
     params, stats = session.ema["params"], session.ema["stats"]

@@ -37,7 +37,9 @@ def test_train_then_eval(tmp_path, capsys, monkeypatch):
 
     assert main(["eval", "--checkpoint", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"val mAP@0.5 = {final['map50']:.4f}" in printed  # eval reproduces the training's final numbers
+    assert f"{out} (step 4, 64 px): val mAP@0.5 = {final['map50']:.4f}" in printed  # eval reproduces the training's final numbers
+    assert main(["eval", "--checkpoint", str(out), "--img-size", "128"]) == 0  # the val images letterboxed to 128 px
+    assert f"{out} (step 4, 128 px): val mAP@0.5 = " in capsys.readouterr().out
 
     with pytest.raises(SystemExit, match="already holds a run"):
         main(["train", *TINY, "--out", str(out)])
@@ -50,6 +52,13 @@ def test_cli_errors(tmp_path):
         main(["train", "--img-size", "100", "--out", str(tmp_path / "r2")])
     with pytest.raises(SystemExit, match="no checkpoints"):
         main(["eval", "--checkpoint", str(tmp_path)])
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "im.png")
+    for bad in ("100", "0", "-64"):  # eval and predict: one check, before anything loads
+        for argv in (["eval", "--checkpoint", str(tmp_path)], ["predict", str(tmp_path / "im.png"), "--checkpoint", str(tmp_path)]):
+            with pytest.raises(SystemExit, match=rf"^error: --img-size must be a positive multiple of 32, got {bad}$"):
+                main([*argv, "--img-size", bad])
     with pytest.raises(SystemExit):
         main(["train", "--loss", "yolov7"])
 

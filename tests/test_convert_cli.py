@@ -49,6 +49,119 @@ def labelled(tmp_path_factory):
     return root
 
 
+GRID = 8  # stride-8 cells per side at 64 px
+
+
+def _grid_labels() -> str:
+    """YOLO label lines of the boxes ``grid``'s model predicts at 64 px: one
+    per stride-8 cell, class 0, centred on the cell, 16 px wide and high,
+    clipped to the 64 x 64 image; normalised."""
+    lines = []
+    for cy in (np.arange(GRID) + 0.5) * 8:
+        for cx in (np.arange(GRID) + 0.5) * 8:
+            x0, y0, x1, y1 = (np.clip([cx - 8, cy - 8, cx + 8, cy + 8], 0, 64) / 64).tolist()
+            lines.append(f"0 {(x0 + x1) / 2:.6f} {(y0 + y1) / 2:.6f} {x1 - x0:.6f} {y1 - y0:.6f}\n")
+    return "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def grid(oracles, tmp_path_factory):
+    """``(pt, root)``: an ultralytics yolov8n ``.pt`` (classes a, b, c) whose
+    head ignores the image, and a dataset labelled with what it predicts.
+
+    The model: every stride-8 cell predicts class ``a`` at score 0.5 with a
+    box one stride (8 px) from the cell's centre on each side; all else
+    scores sigmoid(-20), under the eval threshold 0.001.  ``root/data.yaml``
+    (names a, b, c): 2 val images of 64 x 64 labelled with exactly those boxes
+    at 64 px (:func:`_grid_labels`), so evaluated at 64 px the model finds
+    every box (mAP 1), at 128 px its 16 px boxes cover a quarter of each
+    label (IoU 0.25: mAP 0).  ``root/wide.yaml``: one 64 x 32 (w x h) image."""
+    from PIL import Image
+
+    t = oracles.torch()
+    m = upstream_model("yolov8n", 3)
+    m.names = {0: "a", 1: "b", 2: "c"}
+    head = m.model[-1]
+    with t.no_grad():
+        for level, (box, cls) in enumerate(zip(head.cv2, head.cv3)):
+            box[2].weight.zero_()
+            cls[2].weight.zero_()
+            box[2].bias.copy_(t.tensor([20.0 if b == 1 else 0.0 for b in range(head.reg_max)] * 4))  # DFL: 1 stride per side
+            cls[2].bias.fill_(-20.0)
+            if level == 0:
+                cls[2].bias[0] = 0.0
+    root = tmp_path_factory.mktemp("grid")
+    t.save({"model": m.half(), "ema": None, "train_args": {}}, root / "grid.pt")
+    rng = np.random.default_rng(0)
+    for split, shapes in (("val", [(64, 64), (64, 64)]), ("wide", [(32, 64)])):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i, hw in enumerate(shapes):
+            Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.png")
+            (root / "labels" / split / f"{i}.txt").write_text(_grid_labels() if split == "val" else "0 0.5 0.5 0.5 0.5\n")
+        (root / f"{'data' if split == 'val' else split}.yaml").write_text(f"path: {root}\ntrain: images/{split}\nval: images/{split}\nnames: [a, b, c]\n")
+    return root / "grid.pt", root
+
+
+def _record_eval(monkeypatch, *, run: bool):
+    """``seen``: per evaluation, ``(images.shape, content_rects)`` of the val
+    data the model is given (the frames and where each image lies in them).
+    ``run=False`` skips the model (mAP 0): no compile."""
+    from jaxyolo.train import loop
+
+    seen, real = [], loop.evaluate_model
+
+    def spy(predict, params, stats, data, **kw):
+        seen.append((data.images.shape, data.content_rects.tolist()))
+        return real(predict, params, stats, data, **kw) if run else {"map50": 0.0, "map50_95": 0.0}
+
+    monkeypatch.setattr(loop, "evaluate_model", spy)
+    return seen
+
+
+def test_eval_converted_weights_at_img_size(grid, capsys, monkeypatch):
+    """``eval --checkpoint X.pt --data data.yaml [--img-size S]``: the val
+    images letterboxed to S, the model run at S, the size printed; 640 by default."""
+    pt, root = grid
+    seen = _record_eval(monkeypatch, run=True)
+    for size, map50 in ((64, "1.0000"), (128, "0.0000")):
+        assert main(["eval", "--checkpoint", str(pt), "--data", str(root / "data.yaml"), "--img-size", str(size)]) == 0
+        assert f"{pt} (converted weights, {size} px): val mAP@0.5 = {map50}" in capsys.readouterr().out
+        assert seen[-1] == ((2, size, size, 3), [[0, 0, size, size]] * 2)
+    seen = _record_eval(monkeypatch, run=False)
+    assert main(["eval", "--checkpoint", str(pt), "--data", str(root / "wide.yaml")]) == 0  # upstream's default size
+    assert f"{pt} (converted weights, 640 px): val mAP@0.5 = 0.0000" in capsys.readouterr().out
+    assert seen[-1] == ((1, 640, 640, 3), [[160, 0, 320, 640]])  # the 64 x 32 image scaled by 10, centred
+
+
+def test_eval_converted_weights_class_names(grid, tmp_path, capsys, monkeypatch):
+    """The weights' class names must be the dataset's (count and order);
+    weights without names need only the same count."""
+    from jaxyolo.models import save_weights
+
+    pt, root = grid
+    seen = _record_eval(monkeypatch, run=False)
+    text = (root / "data.yaml").read_text()
+
+    def data(names: str):
+        f = tmp_path / f"{len(list(tmp_path.glob('*.yaml')))}.yaml"
+        f.write_text(text.replace("names: [a, b, c]", f"names: [{names}]"))
+        return str(f)
+
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint's 3 classes differ from the dataset's: class 1 is 'b' in the checkpoint, 'x' in the dataset$"):
+        main(["eval", "--checkpoint", str(pt), "--data", data("a, x, c")])
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint's 3 classes \('a', 'b', 'c'\) differ from the dataset's 2 \('a', 'b'\)$"):
+        main(["eval", "--checkpoint", str(pt), "--data", data("a, b")])
+    assert seen == []  # refused before evaluating
+    model = load_weights(pt)
+    model.class_names = None
+    nameless = save_weights(model, tmp_path / "nameless")
+    assert main(["eval", "--checkpoint", str(nameless), "--data", data("x, y, z")]) == 0
+    assert f"{nameless} (converted weights, 640 px): val mAP@0.5 = " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint's 3 classes \('0', '1', '2'\) differ from the dataset's 2"):
+        main(["eval", "--checkpoint", str(nameless), "--data", data("x, y")])
+
+
 def test_convert(checkpoints, tmp_path, capsys):
     assert main(["convert", str(checkpoints / "yolov8n.pt"), "--out", str(tmp_path / "w")]) == 0
     assert "(yolov8n, nc=3, classes a, b, c)" in capsys.readouterr().out
@@ -169,7 +282,7 @@ def test_convert_train_eval_predict_end_to_end(checkpoints, tmp_path, capsys):
     assert (tmp_path / "p" / img.name).is_file() and (tmp_path / "p" / "labels" / f"{img.stem}.txt").is_file()
     # The converted weights themselves: evaluated on a dataset, run on an image.
     assert main(["eval", "--checkpoint", str(w), "--data", str(yaml3)]) == 0
-    assert "(step 0): val mAP@0.5 = " in capsys.readouterr().out
+    assert f"{w} (converted weights, 640 px): val mAP@0.5 = " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="converted weights, not a run"):
         main(["eval", "--checkpoint", str(w)])
     assert main(["predict", str(img), "--checkpoint", str(w), "--out", str(tmp_path / "pw"), "--img-size", "64"]) == 0

@@ -47,7 +47,7 @@ from jaxyolo.train.config import TrainConfig
 from jaxyolo.train.logs import Progress, RunLogs, plot_results
 from jaxyolo.train.step import Session, main_loss_names, new_acc
 
-__all__ = ["train", "evaluate_checkpoint", "load_session"]
+__all__ = ["train", "evaluate_checkpoint", "load_session", "check_img_size", "check_classes"]
 
 
 def _open_data(config: TrainConfig, *, cache: str, cache_dir, workers, ring: int, stack):
@@ -340,24 +340,35 @@ def train(
         return result(last_eval, losses, log_times)
 
 
-def load_session(path, *, devices: int | None = None):
-    """The model to evaluate or run: ``(session, meta)``.
+def check_img_size(img_size) -> int | None:
+    """``img_size``, the side S in pixels of the square frame the images are
+    letterboxed to and the model runs at: None (a default applies) or a
+    positive multiple of 32 (the largest stride).  Returns it unchanged;
+    raises ValueError naming ``--img-size`` otherwise."""
+    if img_size is None:
+        return None
+    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 32 or img_size % 32:
+        raise ValueError(f"--img-size must be a positive multiple of 32, got {img_size!r}")
+    return img_size
 
-    ``path`` is a run folder (the EMA model of its latest checkpoint;
-    ``meta["step"]`` the checkpoint's step), or converted weights (a
-    ``jaxyolo convert`` folder or an upstream ``.pt``/``.pth``: the model as
-    loaded, at 640 px; ``meta["step"] = 0``).  ``meta["names"]`` are the
-    class names.
-    """
+
+CONVERTED_IMG_SIZE = 640  # converted weights run at upstream's default (`yolo val`, `yolo predict`)
+
+
+def _open(path, *, img_size: int | None = None):
+    """What :func:`load_session` loads, up to the model: ``(config, meta,
+    build)`` with ``build(mesh) -> Session`` building the model (the slow
+    part), so that the inputs can be checked first."""
+    img_size = check_img_size(img_size)
     p = Path(path)
     if p.is_file() or (p / "model.json").is_file():
         from jaxyolo.models import load_weights
 
         src = load_weights(p)
-        config = TrainConfig(model=src.name, weights=str(p), img_size=640, batch=8)
-        session = Session(config, nc=src.nc, steps_per_epoch=1, mesh=parallel.make_mesh(devices))
+        config = TrainConfig(model=src.name, weights=str(p), img_size=img_size or CONVERTED_IMG_SIZE, batch=8)
         names = list(src.class_names) if src.class_names else [str(i) for i in range(src.nc)]
-        return session, {"names": names, "nc": src.nc, "step": 0, "converted": True}
+        meta = {"names": names, "has_names": bool(src.class_names), "nc": src.nc, "step": 0, "converted": True}
+        return config, meta, lambda mesh: Session(config, nc=src.nc, steps_per_epoch=1, mesh=mesh)
     run = ckpt.find_run_dir(path)
     mngr = ckpt.manager(run)
     latest = mngr.latest_step()
@@ -365,18 +376,68 @@ def load_session(path, *, devices: int | None = None):
         raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'}")
     meta = ckpt.restore_meta(mngr, latest)
     config = TrainConfig.from_json(meta["config"])
-    session = Session(config, nc=meta["nc"], steps_per_epoch=max(1, config.train_size // config.batch), mesh=parallel.make_mesh(devices))
-    session.ema = ckpt.restore(mngr, latest, ema=session.ema)["ema"]
-    return session, {**meta, "step": latest}
+    if img_size is not None:  # the parameters do not depend on the size
+        config = dataclasses.replace(config, img_size=img_size)
+
+    def build(mesh):
+        session = Session(config, nc=meta["nc"], steps_per_epoch=max(1, config.train_size // config.batch), mesh=mesh)
+        session.ema = ckpt.restore(mngr, latest, ema=session.ema)["ema"]
+        return session
+
+    return config, {**meta, "has_names": True, "step": latest}, build
 
 
-def evaluate_checkpoint(path, *, log=print, batch_size: int | None = None, data=None, devices: int | None = None, images=None):
-    """Evaluate the EMA model of the latest checkpoint in run ``path`` on the
-    val split of its config's data, or of ``data`` (a dataset spec as
-    ``TrainConfig.data``, with ``images`` for a COCO ``.json``, or a
-    :class:`DetectionData`).  Returns ``{"map50", "map50_95"}``."""
-    session, meta = load_session(path, devices=devices)
-    config = session.config
+def load_session(path, *, devices: int | None = None, img_size: int | None = None):
+    """The model to evaluate or run: ``(session, meta)``.
+
+    ``path`` is a run folder (the EMA model of its latest checkpoint;
+    ``meta["step"]`` the checkpoint's step), or converted weights (a
+    ``jaxyolo convert`` folder or an upstream ``.pt``/``.pth``: the model as
+    loaded; ``meta["step"] = 0``, ``meta["converted"] = True``).
+    ``meta["names"]`` are the class names (``"0"``, ``"1"``, ... for weights
+    that carry none: then ``meta["has_names"]`` is False).
+
+    ``img_size`` (S, pixels, a positive multiple of 32; :func:`check_img_size`)
+    is the size the model runs at, ``session.config.img_size``: the square
+    frame the images are letterboxed to.  None: 640 for converted weights (as
+    upstream), a run's training size for a run.
+    """
+    _, meta, build = _open(path, img_size=img_size)
+    return build(parallel.make_mesh(devices)), meta
+
+
+def check_classes(model_names, data_names, *, has_names: bool = True) -> None:
+    """The model's classes against a dataset's: the same number, and when the
+    model carries names (``has_names``), the same names in the same order.
+    Raises :class:`DataError` naming the first difference."""
+    ours, theirs = tuple(model_names), tuple(data_names)
+    if len(ours) != len(theirs):
+        raise DataError(f"the checkpoint's {len(ours)} classes {ours[:5]} differ from the dataset's {len(theirs)} {theirs[:5]}")
+    if has_names and ours != theirs:
+        i = next(k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        raise DataError(f"the checkpoint's {len(ours)} classes differ from the dataset's: class {i} is {ours[i]!r} in the checkpoint, {theirs[i]!r} in the dataset")
+
+
+def evaluate_checkpoint(
+    path, *, log=print, batch_size: int | None = None, data=None, devices: int | None = None, images=None, img_size: int | None = None,
+):
+    """Evaluate the model of ``path`` (a run's latest EMA model, or converted
+    weights: see :func:`load_session`) on the val split of the run's data, or
+    of ``data`` (a dataset spec as ``TrainConfig.data``, with ``images`` for a
+    COCO ``.json``, or a :class:`DetectionData`; required for converted
+    weights).
+
+    ``img_size``: S in pixels (a positive multiple of 32): the val images are
+    letterboxed to S x S and the model runs at S.  None: the run's training
+    size, 640 for converted weights.  A given :class:`DetectionData` is
+    already letterboxed: its size must then be S.
+
+    Logs ``<path> (step N | converted weights, S px): val mAP@0.5 = ...``.
+    Returns ``{"map50", "map50_95"}``."""
+    config, meta, build = _open(path, img_size=img_size)
+    mesh = parallel.make_mesh(devices)
+    if batch_size is not None:
+        parallel.check_batch(batch_size, mesh)
     if data is None and meta.get("converted"):
         raise ValueError(f"{path} holds converted weights, not a run: pass the dataset to evaluate on (--data)")
     if data is None or isinstance(data, str):
@@ -384,10 +445,10 @@ def evaluate_checkpoint(path, *, log=print, batch_size: int | None = None, data=
         val_data = load_data(spec, "val", img_size=config.img_size, images=imgs, embedded_size=config.val_size)
     else:
         val_data = data
-    if tuple(val_data.names) != tuple(meta["names"]):
-        raise DataError(f"the checkpoint's {len(meta['names'])} classes {tuple(meta['names'])[:5]} differ from the dataset's {val_data.names[:5]}")
-    if batch_size is not None:
-        parallel.check_batch(batch_size, session.mesh)
-    res = _evaluate(session, val_data, batch_size=batch_size)
-    log(f"{path} (step {meta['step']}): val mAP@0.5 = {res['map50']:.4f}   mAP@0.5:0.95 = {res['map50_95']:.4f}")
+        if img_size is not None and val_data.img_size != img_size:
+            raise ValueError(f"img_size={img_size}, but data is letterboxed to {val_data.img_size} px")
+    check_classes(meta["names"], val_data.names, has_names=meta["has_names"])  # before the model is built
+    res = _evaluate(build(mesh), val_data, batch_size=batch_size)
+    what = "converted weights" if meta.get("converted") else f"step {meta['step']}"
+    log(f"{path} ({what}, {val_data.img_size} px): val mAP@0.5 = {res['map50']:.4f}   mAP@0.5:0.95 = {res['map50_95']:.4f}")
     return res
