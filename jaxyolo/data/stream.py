@@ -432,16 +432,29 @@ class StreamedData:
         """index -> reason of the images found unreadable so far."""
         return self.images.failed
 
+    def _rect(self, i: int):
+        """Image ``i``'s content rect: decoded, else from its header (None if unreadable)."""
+        frames = self.images
+        if i in frames.failed:
+            return None
+        return frames.rects[i] if frames.known[i] else _header_rect(frames.files[i], self.img_size)
+
+    @property
+    def content_rects(self) -> np.ndarray:
+        """``(N, 4)`` int32 ``[top, left, h, w]`` (an unreadable image: the full frame)."""
+        full = np.asarray([0, 0, self.img_size, self.img_size], np.int32)
+        return np.stack([r if (r := self._rect(i)) is not None else full for i in range(len(self))]).astype(np.int32)
+
     @property
     def labels(self) -> tuple:
         """N ``(n_i, 5)`` labels normalised to the letterboxed frames.  An
         image not decoded yet (another process's, in a multi-process
         evaluation) gets its rect from its header (:func:`jaxyolo.data.decode.image_size`);
         an unreadable one has no labels."""
-        frames, out = self.images, []
+        out = []
         for i, lab in enumerate(self.source_labels):
-            rect = frames.rects[i] if frames.known[i] else _header_rect(frames.files[i], self.img_size)
-            if i in frames.failed or rect is None:
+            rect = self._rect(i)
+            if rect is None:
                 out.append(np.zeros((0, 5), np.float32))
                 continue
             lab = np.array(lab, np.float32).reshape(-1, 5)

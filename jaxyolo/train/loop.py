@@ -420,6 +420,7 @@ def check_classes(model_names, data_names, *, has_names: bool = True) -> None:
 
 def evaluate_checkpoint(
     path, *, log=print, batch_size: int | None = None, data=None, devices: int | None = None, images=None, img_size: int | None = None,
+    workers: int | None = None,
 ):
     """Evaluate the model of ``path`` (a run's latest EMA model, or converted
     weights: see :func:`load_session`) on the val split of the run's data, or
@@ -432,6 +433,10 @@ def evaluate_checkpoint(
     size, 640 for converted weights.  A given :class:`DetectionData` is
     already letterboxed: its size must then be S.
 
+    A dataset on disk is streamed (its images decoded batch by batch by
+    ``workers`` processes, :func:`jaxyolo.data.stream.default_workers` by
+    default), never held in RAM whole.
+
     Logs ``<path> (step N | converted weights, S px): val mAP@0.5 = ...``.
     Returns ``{"map50", "map50_95"}``."""
     config, meta, build = _open(path, img_size=img_size)
@@ -440,15 +445,21 @@ def evaluate_checkpoint(
         parallel.check_batch(batch_size, mesh)
     if data is None and meta.get("converted"):
         raise ValueError(f"{path} holds converted weights, not a run: pass the dataset to evaluate on (--data)")
-    if data is None or isinstance(data, str):
-        spec, imgs = (config.data, config.images) if data is None else (data, images)
-        val_data = load_data(spec, "val", img_size=config.img_size, images=imgs, embedded_size=config.val_size)
-    else:
-        val_data = data
-        if img_size is not None and val_data.img_size != img_size:
-            raise ValueError(f"img_size={img_size}, but data is letterboxed to {val_data.img_size} px")
-    check_classes(meta["names"], val_data.names, has_names=meta["has_names"])  # before the model is built
-    res = _evaluate(build(mesh), val_data, batch_size=batch_size)
+    with contextlib.ExitStack() as stack:
+        if data is None or isinstance(data, str):
+            spec, imgs = (config.data, config.images) if data is None else (data, images)
+            if spec == "embedded":
+                val_data = load_data(spec, "val", img_size=config.img_size, embedded_size=config.val_size)
+            else:  # streamed: a COCO-sized val split never sits in RAM whole
+                pool = stack.enter_context(DecodePool(default_workers() if workers is None else workers))
+                val_data = open_split(discover(spec, "val", images=imgs), img_size=config.img_size, pool=pool, cache="none", ring=2 * (batch_size or config.batch))
+                stack.callback(val_data.close)
+        else:
+            val_data = data
+            if img_size is not None and val_data.img_size != img_size:
+                raise ValueError(f"img_size={img_size}, but data is letterboxed to {val_data.img_size} px")
+        check_classes(meta["names"], val_data.names, has_names=meta["has_names"])  # before the model is built
+        res = _evaluate(build(mesh), val_data, batch_size=batch_size, log=log)
     what = "converted weights" if meta.get("converted") else f"step {meta['step']}"
     log(f"{path} ({what}, {val_data.img_size} px): val mAP@0.5 = {res['map50']:.4f}   mAP@0.5:0.95 = {res['map50_95']:.4f}")
     return res
