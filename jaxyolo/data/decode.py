@@ -41,7 +41,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["PAD_VALUE", "MIN_SIDE", "decode_image", "letterbox", "letterbox_rect", "letterbox_boxes", "decode_into", "failure_reason", "image_size"]
+__all__ = ["PAD_VALUE", "MIN_SIDE", "decode_image", "letterbox", "letterbox_rect", "letterbox_boxes", "decode_into", "failure_reason", "image_size", "run_task", "serve"]
 
 PAD_VALUE = 114  # upstream's letterbox / mosaic / warp fill
 MIN_SIDE = 10  # ultralytics check_image: smaller images are corrupt
@@ -181,13 +181,27 @@ def image_size(path) -> tuple:
 #
 # A decode worker is a plain interpreter running serve(): it reads pickled
 # tasks on stdin and answers each with one pickled reply on stdout.
-# Task: (buffer, rows, row, path, declared, size): decode ``path`` into row
-# ``row`` of the raw uint8 file ``buffer`` of shape (rows, size, size, 3).
-# Reply: ("ok", rect, (h0, w0)) or ("err", reason).
+
+
+def run_task(task, buffers: dict):
+    """Run one task ``(buffer, rows, row, path, declared, size)``: decode
+    ``path`` into row ``row`` of the raw uint8 file ``buffer`` of shape
+    ``(rows, size, size, 3)`` (memory-mapped once into ``buffers``).  Returns
+    the reply ``("ok", rect, (h0, w0))`` or ``("err", reason)``: an
+    unreadable file is a reply, not an exception."""
+    buf_path, rows, row, path, declared, size = task
+    try:
+        buf = buffers.get((buf_path, rows, size))
+        if buf is None:
+            buf = buffers[(buf_path, rows, size)] = np.memmap(buf_path, np.uint8, "r+", shape=(rows, size, size, 3))
+        image, rect = decode_into(path, size, buf[row], declared)
+        return ("ok", tuple(int(v) for v in rect), image.shape[:2])
+    except Exception as e:
+        return ("err", failure_reason(e, path))
 
 
 def serve(inp=None, out=None) -> None:
-    """The worker loop (until stdin closes)."""
+    """The worker loop: :func:`run_task` for each task on stdin, until it closes."""
     if out is None:  # keep fd 1 for replies; stray prints from libraries go to stderr
         out = os.fdopen(os.dup(1), "wb")
         os.dup2(2, 1)
@@ -204,16 +218,7 @@ def serve(inp=None, out=None) -> None:
             task = pickle.load(inp)
         except EOFError:
             return
-        buf_path, rows, row, path, declared, size = task
-        try:
-            buf = buffers.get((buf_path, rows, size))
-            if buf is None:
-                buf = buffers[(buf_path, rows, size)] = np.memmap(buf_path, np.uint8, "r+", shape=(rows, size, size, 3))
-            image, rect = decode_into(path, size, buf[row], declared)
-            reply = ("ok", tuple(int(v) for v in rect), image.shape[:2])
-        except Exception as e:  # an unreadable file is a reply, not a crash
-            reply = ("err", failure_reason(e, path))
-        pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(run_task(task, buffers), out, protocol=pickle.HIGHEST_PROTOCOL)
         out.flush()
 
 

@@ -55,7 +55,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from jaxyolo.data import decode
-from jaxyolo.data.decode import PAD_VALUE, decode_into, failure_reason, letterbox_boxes
+from jaxyolo.data.decode import PAD_VALUE, letterbox_boxes
 
 __all__ = ["CACHES", "RAM_FRACTION", "DecodePool", "StreamedFrames", "StreamedData", "open_split", "choose_cache", "default_cache_dir", "default_workers"]
 
@@ -130,9 +130,8 @@ class DecodePool:
     """``workers`` decode processes fed by one thread each from a shared queue.
 
     ``submit(task)`` returns a :class:`~concurrent.futures.Future` of the
-    worker's reply (``("ok", rect, (h0, w0))`` or ``("err", reason)``); the
-    task is :func:`jaxyolo.data.decode.serve`'s ``(buffer, rows, row, path,
-    declared, size)``.  ``workers=0`` decodes in the calling thread (for
+    reply of :func:`jaxyolo.data.decode.run_task` to ``task = (buffer, rows,
+    row, path, declared, size)``.  ``workers=0`` decodes in the calling thread (for
     tests and tiny sets).  Use as a context manager or call :meth:`close`.
     """
 
@@ -201,15 +200,7 @@ class DecodePool:
             raise RuntimeError("the decode pool is closed")
         fut: Future = Future()
         if self.workers == 0:
-            buf_path, rows, row, path, declared, size = task
-            buf = self._inline_buffers.get((buf_path, rows, size))
-            if buf is None:
-                buf = self._inline_buffers[(buf_path, rows, size)] = np.memmap(buf_path, np.uint8, "r+", shape=(rows, size, size, 3))
-            try:
-                image, rect = decode_into(path, size, buf[row], declared)
-                fut.set_result(("ok", tuple(int(v) for v in rect), image.shape[:2]))
-            except Exception as e:
-                fut.set_result(("err", failure_reason(e, path)))
+            fut.set_result(decode.run_task(task, self._inline_buffers))
             return fut
         self._tasks.put((task, fut))
         return fut
