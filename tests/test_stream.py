@@ -188,3 +188,57 @@ def test_streamed_run_resumes_identically_with_other_workers(tmp_path):
     part = train(dataclasses.replace(cfg, max_steps=3), tmp_path / "part", progress=False, log=lambda *_: None, cache="none", workers=2)
     rest = train(cfg, tmp_path / "part", resume=True, progress=False, log=lambda *_: None, cache="ram", workers=0)
     assert part["losses"] + rest["losses"] == full["losses"] and len(full["losses"]) == 7
+
+
+def test_shared_buffers_leave_nothing_behind_a_killed_run(yaml_spec):
+    """The frame buffers are unlinked when made: no file in /dev/shm (or the
+    temp folder) while a run streams, none after it is SIGKILLed, and its
+    workers end with it."""
+    import glob
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    def ours():
+        return set(glob.glob("/dev/shm/jaxyolo-frames-*")) | set(glob.glob(os.path.join(tempfile.gettempdir(), "jaxyolo-frames-*")))
+
+    before = ours()
+    code = f"""
+import os, signal, sys
+from jaxyolo.data.formats import discover
+from jaxyolo.data.stream import DecodePool, open_split
+pool = DecodePool(1)
+data = open_split(discover(sys.argv[1], "train"), img_size={S}, pool=pool, cache="ram")
+data.images[list(range(5))]
+print(pool._procs[0].pid, flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    child = subprocess.Popen([sys.executable, "-c", code, str(_yaml_of(yaml_spec))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    worker = int(child.stdout.readline())
+    assert ours() == before  # streaming: no named buffer file
+    child.stdin.write("\n")
+    child.stdin.flush()
+    assert child.wait(timeout=30) == -9
+    for _ in range(100):  # the worker sees its stdin close and ends
+        if not os.path.exists(f"/proc/{worker}"):
+            break
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z"
+    assert ours() == before
+
+
+def test_a_buffer_the_workers_cannot_open_stops_with_the_reason(tmp_path):
+    for workers in (0, 1):
+        with DecodePool(workers) as pool:
+            fut = pool.submit((str(tmp_path / "gone.u8"), 4, 0, str(tmp_path / "x.jpg"), None, S))
+            with pytest.raises(RuntimeError, match="image decoding cannot run: cannot open the shared frame buffer .*gone.u8"):
+                fut.result(timeout=30)
+
+
+def _yaml_of(spec):
+    """The data.yaml a spec came from (its files live in <root>/images/train)."""
+    from pathlib import Path
+
+    return Path(spec.files[0]).parents[2] / "data.yaml"

@@ -188,12 +188,16 @@ def run_task(task, buffers: dict):
     ``path`` into row ``row`` of the raw uint8 file ``buffer`` of shape
     ``(rows, size, size, 3)`` (memory-mapped once into ``buffers``).  Returns
     the reply ``("ok", rect, (h0, w0))`` or ``("err", reason)``: an
-    unreadable file is a reply, not an exception."""
+    unreadable file is a reply, not an exception.  A buffer this process
+    cannot open is ``("fatal", reason)``: no image could be decoded."""
     buf_path, rows, row, path, declared, size = task
-    try:
-        buf = buffers.get((buf_path, rows, size))
-        if buf is None:
+    buf = buffers.get((buf_path, rows, size))
+    if buf is None:
+        try:
             buf = buffers[(buf_path, rows, size)] = np.memmap(buf_path, np.uint8, "r+", shape=(rows, size, size, 3))
+        except Exception as e:
+            return ("fatal", f"cannot open the shared frame buffer {buf_path}: {type(e).__name__}: {e}")
+    try:
         image, rect = decode_into(path, size, buf[row], declared)
         return ("ok", tuple(int(v) for v in rect), image.shape[:2])
     except Exception as e:

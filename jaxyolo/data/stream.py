@@ -22,8 +22,9 @@ Two caches (``cache``):
   the images of its own rows.
 
 The shared buffers are files in ``/dev/shm`` (RAM) when it has room, else in
-the temporary folder; workers write decoded frames straight into them, the
-pipe carries only the task and a 30-byte answer.  The workers are plain
+the temporary folder, unlinked as soon as they are made (on Linux; nothing
+is left behind by a killed run); workers write decoded frames straight into
+them, the pipe carries only the task and a 30-byte answer.  The workers are plain
 interpreters running :func:`jaxyolo.data.decode.serve`: they import numpy,
 Pillow and OpenCV, not jax (~50 MB each, started in ~0.2 s), so decoding is
 neither GIL-bound nor a copy of the training process.  A worker that dies (a
@@ -182,7 +183,7 @@ class DecodePool:
             except BaseException as e:  # noqa: BLE001 -- handed to the consumer
                 fut.set_exception(e)
                 continue
-            fut.set_result(reply)
+            _resolve(fut, reply)
         if proc is not None:
             DecodePool._stop(proc)
 
@@ -200,7 +201,7 @@ class DecodePool:
             raise RuntimeError("the decode pool is closed")
         fut: Future = Future()
         if self.workers == 0:
-            fut.set_result(decode.run_task(task, self._inline_buffers))
+            _resolve(fut, decode.run_task(task, self._inline_buffers))
             return fut
         self._tasks.put((task, fut))
         return fut
@@ -234,26 +235,40 @@ class DecodePool:
         self.close()
 
 
+def _resolve(fut: Future, reply) -> None:
+    """A worker's reply -> the future's result; a ``"fatal"`` one (the
+    buffer cannot be opened: every image would fail) -> an exception."""
+    if reply[0] == "fatal":
+        fut.set_exception(RuntimeError(f"image decoding cannot run: {reply[1]}"))
+    else:
+        fut.set_result(reply)
+
+
 # ------------------------------------------------------------------ frames
 
 
 def _buffer_file(rows: int, size: int):
-    """A new raw ``(rows, S, S, 3)`` uint8 file: ``(path, memmap)``, in
-    ``/dev/shm`` when it has room for it, else the temporary folder."""
+    """A new raw ``(rows, S, S, 3)`` uint8 file in ``/dev/shm`` when it has
+    room for it, else the temporary folder: ``(path, memmap, release)``.
+
+    On Linux the file is unlinked at once and reached through
+    ``/proc/<pid>/fd/<fd>`` (the path the workers open), so that it goes with
+    the last process that maps it even when the training process is killed
+    (SIGKILL leaves nothing in ``/dev/shm``); ``release()`` closes it.
+    Elsewhere it is a named file that ``release()`` removes.
+    """
     nbytes = rows * size * size * 3
     folder = tempfile.gettempdir()
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free > 1.1 * nbytes:
         folder = "/dev/shm"
     fd, path = tempfile.mkstemp(prefix="jaxyolo-frames-", suffix=".u8", dir=folder)
-    os.close(fd)
-    return path, np.memmap(path, np.uint8, "w+", shape=(rows, size, size, 3))
-
-
-def _remove(path):
-    try:
+    os.ftruncate(fd, nbytes)
+    proc = f"/proc/{os.getpid()}/fd/{fd}"
+    if os.path.exists(proc):
         os.unlink(path)
-    except OSError:
-        pass
+        return proc, np.memmap(proc, np.uint8, "r+", shape=(rows, size, size, 3)), lambda: os.close(fd)
+    os.close(fd)
+    return path, np.memmap(path, np.uint8, "r+", shape=(rows, size, size, 3)), lambda: _remove(path)
 
 
 class _Request:
@@ -305,8 +320,8 @@ class StreamedFrames:
         self.failed: dict = {}
         self._new_failures: list = []
         self._rows = n if cache == "ram" else int(ring)
-        self._path, self._buf = _buffer_file(max(self._rows, 1), self.size)
-        self._finalizer = weakref.finalize(self, _remove, self._path)
+        self._path, self._buf, release = _buffer_file(max(self._rows, 1), self.size)
+        self._finalizer = weakref.finalize(self, release)
         self._lock = threading.Lock()
         self._inflight: dict = {}  # "ram": index -> Future
         self._free = collections.deque(range(self._rows)) if cache == "none" else None
@@ -383,7 +398,7 @@ class StreamedFrames:
         return [(self.files[i], self.failed[i]) for i in new]
 
     def close(self):
-        """Drop the shared buffer (its file goes)."""
+        """Drop the shared buffer (its file goes when no worker maps it any more)."""
         self._buf = None
         self._finalizer()
 
