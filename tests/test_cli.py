@@ -97,19 +97,24 @@ def test_train_eval_predict_on_each_layout(tmp_path, capsys):
     coco = tmp_path / "coco"
     make_coco_dataset(coco, n=9, split="train2017", seed=1)
     val_json, (_, _, coco_names) = make_coco_dataset(coco, n=4, split="val2017", seed=2)
+    # Each layout with another way in for its images (auto picks ram for these few).
     layouts = {
         "yaml": ["--data", str(yaml_path)],
-        "coco": ["--data", str(coco)],
-        "coco-json": ["--data", str(val_json), "--images", str(coco / "val2017")],
-        "plain": ["--data", str(plain)],
+        "coco": ["--data", str(coco), "--cache", "none", "--workers", "2"],
+        "coco-json": ["--data", str(val_json), "--images", str(coco / "val2017"), "--cache", "disk", "--cache-dir", str(tmp_path / "cache")],
+        "plain": ["--data", str(plain), "--workers", "0"],
     }
+    said = {"yaml": "cache=ram (auto: 0.00 GB decoded fits 50% of", "coco": "cache=none, 2 decode workers",
+            "coco-json": f"cache=disk ({tmp_path / 'cache'}, decoded up front)", "plain": "cache=ram (auto: "}
     for name, data in layouts.items():
         out = tmp_path / f"run-{name}"
         assert main(["train", *data, *_tiny(out)]) == 0, name
         printed = capsys.readouterr().out
+        assert printed.splitlines()[0].startswith(f"jaxyolo train: {out}") and f"  data: {said[name]}" in printed.splitlines()[0], printed[:400]
         assert "val mAP@0.5 = " in printed and f"run folder: {out}" in printed, name
         final = json.loads((out / "final.json").read_text())
         assert final["steps"] >= 1 and 0.0 <= final["map50"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["train-64.meta.npz", "train-64.npy", "val-64.meta.npz", "val-64.npy"]
     meta_names = json.loads((tmp_path / "run-coco" / "config.json").read_text())
     assert meta_names["data"] == str(coco)
     # eval on another dataset's val split (same classes: the COCO json).

@@ -364,9 +364,11 @@ def test_python_dash_m_runs_the_cli():
     assert p.returncode == 0 and "--log-every" in p.stdout and "--precision" in p.stdout and "--devices" in p.stdout
 
 
-def test_log_every_validated(tmp_path):
+def test_log_every_and_cache_validated(tmp_path):
     with pytest.raises(ValueError, match="log_every must be a positive int"):
         train(TINY, tmp_path / "x", log_every=0, **QUIET)
+    with pytest.raises(ValueError, match="cache must be one of auto, ram, disk, none, got 'runs/cache'"):
+        train(TINY, tmp_path / "x", cache="runs/cache", **QUIET)  # the old --cache DIR: now --cache disk --cache-dir DIR
     assert not (tmp_path / "x").exists()
 
 

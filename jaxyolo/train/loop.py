@@ -40,7 +40,7 @@ from jaxyolo.data import DataError, load_data
 from jaxyolo.data.formats import discover
 from jaxyolo.data.images import load_split
 from jaxyolo.data.pipeline import Prefetcher, TrainBatches
-from jaxyolo.data.stream import DecodePool, choose_cache, default_cache_dir, default_workers, open_split
+from jaxyolo.data.stream import CACHES, DecodePool, choose_cache, default_cache_dir, default_workers, open_split
 from jaxyolo.evaluate import evaluate_model
 from jaxyolo.train import checkpoint as ckpt
 from jaxyolo.train.config import TrainConfig
@@ -174,6 +174,8 @@ def train(
     """
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
     t_start = time.perf_counter()
     parallel.init_distributed()
     primary = jax.process_index() == 0
