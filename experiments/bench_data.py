@@ -13,7 +13,9 @@ each in a fresh process so that memory is its own:
   ``--workers`` decode processes) + :class:`jaxyolo.data.TrainBatches`
   ``stream()``: host batches of uint8 frames, ``(B, K, S, S, 3)`` with K = 4
   (mosaic) or 1.  Its augmentation runs on the device inside the train step,
-  so "default augmentation" here is the 4 frames a mosaic sample needs.
+  so "default augmentation" here is the 4 frames a mosaic sample needs;
+  one more row with ``--mosaic-buffer 8`` (the others drawn from the last 8
+  batches' samples, as ultralytics' buffer: ~1 decode per sample).
 * **ultralytics 8.4.190**: ``build_yolo_dataset`` + ``build_dataloader``
   (``cache=False``, the same ``--workers``, ``pin_memory`` off): "default
   augmentation" is its train pipeline (mosaic, random perspective, HSV,
@@ -118,7 +120,7 @@ class PeakMemory:
         return self.peak
 
 
-def _child_jaxyolo(yaml, *, img_size, batch, workers, batches, augment):
+def _child_jaxyolo(yaml, *, img_size, batch, workers, batches, augment, mosaic_buffer=0):
     from jaxyolo.data.formats import discover
     from jaxyolo.data.pipeline import TrainBatches
     from jaxyolo.data.stream import DecodePool, open_split
@@ -128,8 +130,8 @@ def _child_jaxyolo(yaml, *, img_size, batch, workers, batches, augment):
     t0 = time.perf_counter()
     spec = discover(yaml, "train")
     with DecodePool(workers) as pool:
-        data = open_split(spec, img_size=img_size, pool=pool, cache="none", ring=4 * batch * 4)
-        tb = TrainBatches(data, batch_size=batch, max_boxes=default_max_boxes(data), seed=0)
+        data = open_split(spec, img_size=img_size, pool=pool, cache="none", ring=4 * batch * 4 + mosaic_buffer * batch)  # as train() sizes it
+        tb = TrainBatches(data, batch_size=batch, max_boxes=default_max_boxes(data), seed=0, mosaic_buffer=mosaic_buffer)
         it = tb.stream(((0, k) for k in range(batches + 1)), mosaic_of=lambda e: augment, ahead=2)
         next(it)
         first = time.perf_counter() - t0
@@ -141,7 +143,7 @@ def _child_jaxyolo(yaml, *, img_size, batch, workers, batches, augment):
     return {"images_s": rate, "first_s": first, "peak_mb": mem.stop() / 2**20}
 
 
-def _child_ultralytics(yaml, *, img_size, batch, workers, batches, augment):
+def _child_ultralytics(yaml, *, img_size, batch, workers, batches, augment, mosaic_buffer=0):
     from jaxyolo.testing import oracles
 
     oracles.torch()
@@ -178,9 +180,9 @@ def _prepare_ultralytics(yaml):
     build_yolo_dataset(get_cfg(overrides={"imgsz": 64, "cache": False}), str(folder / "images" / "train"), 16, data, mode="val", rect=False)
 
 
-def _run_child(which: str, yaml: Path, args, augment: bool) -> dict:
+def _run_child(which: str, yaml: Path, args, augment: bool, mosaic_buffer: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--yaml", str(yaml), "--img-size", str(args.img_size), "--batch", str(args.batch),
-           "--workers", str(args.workers), "--batches", str(args.batches)] + (["--augment"] if augment else [])
+           "--workers", str(args.workers), "--batches", str(args.batches), "--mosaic-buffer", str(mosaic_buffer)] + (["--augment"] if augment else [])
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, YOLO_VERBOSE="False", YOLO_OFFLINE="1"))
     if p.returncode:
         raise RuntimeError(f"{which} failed:\n{p.stderr[-3000:]}")
@@ -198,8 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--child", choices=("jaxyolo", "ultralytics", "prepare"), help=argparse.SUPPRESS)
     p.add_argument("--yaml", help=argparse.SUPPRESS)
     p.add_argument("--augment", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mosaic-buffer", type=int, default=8, help="jaxyolo's extra mosaic row: others from the last N batches (ultralytics' buffer is 8 batches)")
     args = p.parse_args(argv)
-    kw = dict(img_size=args.img_size, batch=args.batch, workers=args.workers, batches=args.batches, augment=args.augment)
+    kw = dict(img_size=args.img_size, batch=args.batch, workers=args.workers, batches=args.batches, augment=args.augment, mosaic_buffer=args.mosaic_buffer if args.child else 0)
     if args.child == "prepare":
         _prepare_ultralytics(args.yaml)
         return 0
@@ -218,19 +221,21 @@ def main(argv=None) -> int:
             # alternate the order so that a drift of a shared machine's speed does not favour one side
             order = ("jaxyolo", "ultralytics") if augment else ("ultralytics", "jaxyolo")
             res = {which: _run_child(which, yaml, args, augment) for which in order}
-            rows.append((n, augment, res["jaxyolo"], res["ultralytics"]))
-            j, u = res["jaxyolo"], res["ultralytics"]
-            print(f"N={n} augment={'default' if augment else 'off'}: jaxyolo {j['images_s']:.1f} img/s, ultralytics {u['images_s']:.1f} img/s", file=sys.stderr, flush=True)
+            rows.append((n, "default" if augment else "off", res["jaxyolo"], res["ultralytics"]))
+            if augment and args.mosaic_buffer:
+                rows.append((n, f"default, `--mosaic-buffer {args.mosaic_buffer}`", _run_child("jaxyolo", yaml, args, augment, args.mosaic_buffer), res["ultralytics"]))
+            for _, what, j, u in rows[-2 if augment and args.mosaic_buffer else -1 :]:
+                print(f"N={n} augment={what}: jaxyolo {j['images_s']:.1f} img/s, ultralytics {u['images_s']:.1f} img/s", file=sys.stderr, flush=True)
     print("| N | augmentation | jaxyolo images/s | ultralytics images/s | ratio | jaxyolo first batch s | ultralytics first batch s | jaxyolo peak MB | ultralytics peak MB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for n, augment, j, u in rows:
-        print(f"| {n} | {'default' if augment else 'off'} | {j['images_s']:.1f} | {u['images_s']:.1f} | {j['images_s'] / u['images_s']:.2f}x "
+    for n, what, j, u in rows:
+        print(f"| {n} | {what} | {j['images_s']:.1f} | {u['images_s']:.1f} | {j['images_s'] / u['images_s']:.2f}x "
               f"| {j['first_s']:.1f} | {u['first_s']:.1f} | {j['peak_mb']:.0f} | {u['peak_mb']:.0f} |")
-    for augment in (False, True):
-        by_n = {n: (j, u) for n, a, j, u in rows if a == augment}
+    for what in dict.fromkeys(w for _, w, _, _ in rows):
+        by_n = {n: (j, u) for n, w, j, u in rows if w == what}
         if len(by_n) > 1:
             lo, hi = min(by_n), max(by_n)
-            print(f"memory growth N={lo} -> {hi}, augmentation {'default' if augment else 'off'}: jaxyolo "
+            print(f"memory growth N={lo} -> {hi}, augmentation {what}: jaxyolo "
                   f"{by_n[hi][0]['peak_mb'] - by_n[lo][0]['peak_mb']:+.0f} MB, ultralytics {by_n[hi][1]['peak_mb'] - by_n[lo][1]['peak_mb']:+.0f} MB")
     return 0
 

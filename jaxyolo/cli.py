@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = t.add_argument_group("augmentation (ultralytics' default strengths; 0 turns one off)")
     a.add_argument("--mosaic", type=float, default=d.mosaic, help="probability of a 4-image mosaic")
     a.add_argument("--close-mosaic", type=int, default=d.close_mosaic, help="no mosaic in the last N epochs")
+    a.add_argument("--mosaic-buffer", type=int, default=d.mosaic_buffer, help="0: a mosaic's 3 other images come from the whole dataset; N: from the last N batches' samples (as ultralytics' buffer; ~1 decode per sample when streaming, e.g. 8)")
     for name, help_ in (("degrees", "rotation +- degrees"), ("translate", "translation +- fraction of the side"), ("scale", "scale gain 1 +- scale"),
                         ("shear", "shear +- degrees"), ("perspective", "perspective +- this"), ("hsv-h", "hue gain"), ("hsv-s", "saturation gain"),
                         ("hsv-v", "value gain"), ("flipud", "up-down flip probability"), ("fliplr", "left-right flip probability")):
@@ -161,7 +162,7 @@ def _train(args) -> int:
             model = load_weights(args.weights).name
         except (*_USER_ERRORS, OSError) as e:
             raise SystemExit(f"error: --weights: {e}") from None
-    aug = {k: getattr(args, k) for k in ("mosaic", "close_mosaic", "degrees", "translate", "scale", "shear", "perspective", "hsv_h", "hsv_s", "hsv_v", "flipud", "fliplr")}
+    aug = {k: getattr(args, k) for k in ("mosaic", "mosaic_buffer", "close_mosaic", "degrees", "translate", "scale", "shear", "perspective", "hsv_h", "hsv_s", "hsv_v", "flipud", "fliplr")}
     try:
         cfg = TrainConfig(
             model=model or "pico", loss=args.loss, weights=args.weights, data=args.data, images=args.images, nc=args.nc, epochs=args.epochs,

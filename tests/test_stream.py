@@ -33,16 +33,17 @@ def yaml_spec(tmp_path_factory):
     return discover(path, "train")
 
 
-@pytest.mark.parametrize("cache,workers", [("none", 2), ("ram", 1), ("ram", 0)])
-def test_streamed_batches_equal_decoded_batches(yaml_spec, cache, workers):
+@pytest.mark.parametrize("cache,workers,buffer,ring", [("none", 2, 0, 128), ("ram", 1, 0, 0), ("ram", 0, 0, 0), ("none", 1, 2, 40)])
+def test_streamed_batches_equal_decoded_batches(yaml_spec, cache, workers, buffer, ring):
     """Pixels, rects and padded labels of every batch (mosaic or not, two
-    epochs, eval order) equal those of the split decoded up front."""
+    epochs, eval order) equal those of the split decoded up front; also with
+    mosaic_buffer and a ring small enough that frames are evicted and reused."""
     ref = load_split(yaml_spec, img_size=S)
     with DecodePool(workers) as pool:
-        data = open_split(yaml_spec, img_size=S, pool=pool, cache=cache, ring=4 * 8 * 4)
+        data = open_split(yaml_spec, img_size=S, pool=pool, cache=cache, ring=ring)
         assert data.img_size == S and len(data) == len(ref) == 22 and data.max_objects() == ref.max_objects() == 3
-        decoded = TrainBatches(ref, batch_size=8, max_boxes=4, seed=3)
-        streamed = TrainBatches(data, batch_size=8, max_boxes=4, seed=3)
+        decoded = TrainBatches(ref, batch_size=8, max_boxes=4, seed=3, mosaic_buffer=buffer)
+        streamed = TrainBatches(data, batch_size=8, max_boxes=4, seed=3, mosaic_buffer=buffer)
         positions = [(e, k) for e in range(2) for k in range(decoded.steps_per_epoch)]
         mosaic_of = lambda e: e == 0  # noqa: E731
         got = list(streamed.stream(positions, mosaic_of=mosaic_of, ahead=2))
@@ -118,13 +119,14 @@ def test_unreadable_images_are_empty_frames_reported_once(tmp_path):
 def test_a_dead_worker_is_replaced_and_a_dying_one_stops_the_run(yaml_spec, monkeypatch):
     with DecodePool(1) as pool:
         data = open_split(yaml_spec, img_size=S, pool=pool, cache="none", ring=8)
-        first = data.images[np.arange(3)]
+        data.images[np.arange(3)]
         pool._procs[0].kill()  # e.g. the OOM killer
         pool._procs[0].wait()
-        frames, _, ok = data.images.collect(data.images.request(np.arange(3)))
+        frames, _, ok = data.images.collect(data.images.request(np.arange(3, 6)))
         assert ok.tolist() == [False, True, True]  # the image in the dead worker's hands is lost
-        assert "worker died" in data.failed[0]
-        np.testing.assert_array_equal(frames[1:], first[1:])  # its replacement decodes the rest
+        assert "worker died" in data.failed[3]
+        for f, i in zip(frames[1:], (4, 5)):  # its replacement decodes the rest
+            np.testing.assert_array_equal(f, letterbox(decode_image(yaml_spec.files[i]), S)[0])
         data.close()
     import subprocess
 
@@ -242,3 +244,32 @@ def _yaml_of(spec):
     from pathlib import Path
 
     return Path(spec.files[0]).parents[2] / "data.yaml"
+
+
+def test_mosaic_buffer_draws_recent_samples_and_saves_decodes(tmp_path):
+    """mosaic_buffer=W: the 3 others of batch k are samples of batches
+    k-W+1..k (a function of (seed, epoch, k)); streamed with a ring that
+    holds them, an epoch of mosaics decodes each image about once, against
+    about 3.5 times with others drawn from the whole dataset."""
+    n, b = 200, 4
+    path, _ = make_yaml_dataset(tmp_path, n_train=n - 1, n_val=1)
+    spec = discover(path, "train")
+    decodes = {}
+    for w in (0, 3):
+        with DecodePool(0) as pool:
+            data = open_split(spec, img_size=32, pool=pool, cache="none", ring=3 * b * 4 + w * b)  # as train() sizes it
+            submit = data.images._submit
+            count = []
+            data.images._submit = lambda i, row: (count.append(i), submit(i, row))[1]
+            tb = TrainBatches(data, batch_size=b, max_boxes=4, seed=0, mosaic_buffer=w)
+            perm = np.random.default_rng([0, 1]).permutation(n)
+            for k in range(tb.steps_per_epoch):
+                idx = tb.indices(1, k, mosaic=True)
+                np.testing.assert_array_equal(idx[:, 0], perm[k * b : (k + 1) * b])
+                if w:
+                    assert set(idx[:, 1:].ravel()) <= set(perm[max(0, k - w + 1) * b : (k + 1) * b])
+            for _ in tb.stream(((1, k) for k in range(tb.steps_per_epoch)), mosaic_of=lambda e: True, ahead=1):
+                pass
+            decodes[w] = len(count)
+            data.close()
+    assert decodes[3] == n and decodes[0] >= 2.5 * n, decodes

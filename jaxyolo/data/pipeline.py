@@ -76,16 +76,24 @@ class TrainBatches:
       max_boxes: M.
       seed: data order seed.
       process_index, process_count: this process's share of each batch.
+      mosaic_buffer: 0 (default): a mosaic's 3 other frames are drawn
+        uniformly from the whole dataset; W > 0: from the samples of the last
+        W global batches of the epoch (batch ``k``'s own included), the
+        deterministic form of ultralytics' buffer of recently loaded images:
+        a streamed dataset then decodes about one frame per sample instead
+        of four.
     """
 
-    def __init__(self, data, *, batch_size: int, max_boxes: int, seed: int, process_index: int = 0, process_count: int = 1):
+    def __init__(self, data, *, batch_size: int, max_boxes: int, seed: int, process_index: int = 0, process_count: int = 1, mosaic_buffer: int = 0):
         if len(data) < batch_size:
             raise ValueError(f"the training set has {len(data)} images, fewer than batch={batch_size}")
         if batch_size % process_count:
             raise ValueError(f"batch={batch_size} is not divisible by the {process_count} processes")
         self.source = _Source(data, max_boxes)
         self.n = len(data)
-        self.batch_size, self.seed = batch_size, seed
+        if not isinstance(mosaic_buffer, int) or mosaic_buffer < 0:
+            raise ValueError(f"mosaic_buffer must be an int >= 0, got {mosaic_buffer!r}")
+        self.batch_size, self.seed, self.mosaic_buffer = batch_size, seed, mosaic_buffer
         self.steps_per_epoch = self.n // batch_size
         per = batch_size // process_count
         self._rows = slice(process_index * per, (process_index + 1) * per)
@@ -102,9 +110,17 @@ class TrainBatches:
         if not 0 <= k < self.steps_per_epoch:
             raise IndexError(f"batch {k} out of range for {self.steps_per_epoch} batches per epoch")
         self._draw(epoch)
-        rows = slice(k * self.batch_size, (k + 1) * self.batch_size)
+        b = self.batch_size
+        rows = slice(k * b, (k + 1) * b)
         idx = self._perm[rows][self._rows, None]
-        return np.concatenate([idx, self._others[rows][self._rows]], axis=1) if mosaic else idx
+        if not mosaic:
+            return idx
+        if self.mosaic_buffer:
+            recent = np.random.default_rng([self.seed, epoch, 4, k]).integers(max(0, (k - self.mosaic_buffer + 1) * b), (k + 1) * b, (b, 3))
+            others = self._perm[recent]
+        else:
+            others = self._others[rows]
+        return np.concatenate([idx, others[self._rows]], axis=1)
 
     def batch(self, epoch: int, k: int, *, mosaic: bool = False) -> dict:
         return self.source.collect(self.source.request(self.indices(epoch, k, mosaic=mosaic)))

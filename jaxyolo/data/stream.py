@@ -14,7 +14,10 @@ any number of workers.
 Two caches (``cache``):
 
 * ``"none"``: frames go through a ring of shared rows, sized for the batches
-  in flight: memory does not grow with the dataset.
+  in flight: memory does not grow with the dataset.  A frame stays in its
+  row until the row is the least recently used one needed for a new image,
+  so an image asked for again soon (a mosaic's other frames with
+  ``mosaic_buffer``) is not decoded again.
 * ``"ram"``: a frame is decoded the first time a batch asks for it, into its
   row of an ``(N, S, S, 3)`` shared buffer, and gathered from there
   afterwards (epoch 1 streams, later epochs gather).  Nothing is decoded
@@ -271,14 +274,21 @@ def _buffer_file(rows: int, size: int):
     return path, np.memmap(path, np.uint8, "r+", shape=(rows, size, size, 3)), lambda: _remove(path)
 
 
+def _remove(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class _Request:
     """What :meth:`StreamedFrames.request` dispatched: the indices, the row of
-    each in the buffer, and the decodes to wait for."""
+    each in the buffer, the decodes to wait for, and the rows it pinned."""
 
-    __slots__ = ("idx", "rows", "pending", "ring_rows")
+    __slots__ = ("idx", "rows", "pending", "claimed")
 
-    def __init__(self, idx, rows, pending, ring_rows):
-        self.idx, self.rows, self.pending, self.ring_rows = idx, rows, pending, ring_rows
+    def __init__(self, idx, rows, pending, claimed):
+        self.idx, self.rows, self.pending, self.claimed = idx, rows, pending, claimed
 
 
 class StreamedFrames:
@@ -295,8 +305,9 @@ class StreamedFrames:
       declared: optional ``(N, 2)`` ``[h, w]`` each image must have (COCO).
       cache: ``"ram"`` (keep every decoded frame in an N-row shared buffer)
         or ``"none"`` (a ring of ``ring`` rows).
-      ring: ``"none"`` only: rows of the ring, at least the frames of all
-        the requests in flight at once.
+      ring: ``"none"`` only: rows of the ring, at least the distinct frames
+        of all the requests in flight at once; the rows beyond keep recent
+        frames for reuse.
 
     Attributes:
       rects: ``(N, 4)`` int32 ``[top, left, h, w]`` content rectangles, valid
@@ -323,7 +334,15 @@ class StreamedFrames:
         self._path, self._buf, release = _buffer_file(max(self._rows, 1), self.size)
         self._finalizer = weakref.finalize(self, release)
         self._lock = threading.Lock()
-        self._inflight: dict = {}  # "ram": index -> Future
+        self._inflight: dict = {}  # index -> Future of its decode
+        # Which row holds which image: "ram" row i is image i; "none" rows are
+        # claimed while a request uses them, then stay valid (and are reused
+        # by a later request of the same image) until the least recently
+        # used of them is evicted for a new image.
+        self._row_of: dict = {}
+        self._index_of = np.full(self._rows, -1, np.int64)
+        self._pins = np.zeros(self._rows, np.int32)
+        self._idle: collections.OrderedDict = collections.OrderedDict()  # unpinned rows with a frame, least recent first
         self._free = collections.deque(range(self._rows)) if cache == "none" else None
 
     @property
@@ -337,28 +356,45 @@ class StreamedFrames:
         declared = None if self.declared is None else tuple(int(v) for v in self.declared[i])
         return self.pool.submit((self._path, self._rows, row, self.files[i], declared, self.size))
 
+    def _claim(self, i: int):
+        """A row for image ``i``, pinned: ``(row, True)`` if ``i`` must be
+        decoded into it, ``(row, False)`` if it holds (or is receiving) ``i``."""
+        row = self._row_of.get(i)
+        if row is not None:
+            self._pins[row] += 1
+            self._idle.pop(row, None)
+            return row, False
+        if self.cache == "ram":
+            row = i
+        elif self._free:
+            row = self._free.popleft()
+        elif self._idle:
+            row, _ = self._idle.popitem(last=False)
+            del self._row_of[int(self._index_of[row])]
+        else:
+            raise RuntimeError(f"the frame ring holds {self._rows} rows, all in use by the requests in flight")
+        self._row_of[i], self._index_of[row], self._pins[row] = row, i, 1
+        return row, True
+
     def request(self, idx) -> _Request:
         """Start decoding the frames ``idx`` (any shape of indices) that need it."""
         idx = np.asarray(idx, np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"frame indices out of range [0, {len(self)})")
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        rows = np.zeros(len(uniq), np.int64)  # an unreadable image's row is never read
+        pending, claimed = {}, []
         with self._lock:
-            if self.cache == "ram":
-                pending = {}
-                for i in np.unique(idx).tolist():
-                    if i in self.failed or (self.known[i] and i not in self._inflight):
-                        continue
-                    fut = self._inflight.get(i)
-                    if fut is None:
-                        fut = self._inflight[i] = self._submit(i, i)
-                    pending[i] = fut
-                return _Request(idx, idx, pending, None)
-            uniq, inverse = np.unique(idx, return_inverse=True)
-            if len(uniq) > len(self._free):
-                raise RuntimeError(f"the frame ring holds {self._rows} rows; {self._rows - len(self._free)} are in flight and {len(uniq)} more were asked")
-            ring_rows = np.asarray([self._free.popleft() for _ in uniq], np.int64)
-            pending = {i: self._submit(i, r) for i, r in zip(uniq.tolist(), ring_rows.tolist()) if i not in self.failed}
-            return _Request(idx, ring_rows[inverse].reshape(idx.shape), pending, ring_rows)
+            for j, i in enumerate(uniq.tolist()):
+                if i in self.failed:
+                    continue
+                rows[j], new = self._claim(i)
+                claimed.append(int(rows[j]))
+                if new:
+                    self._inflight[i] = self._submit(i, int(rows[j]))
+                if i in self._inflight:
+                    pending[i] = self._inflight[i]
+        return _Request(idx, rows[inverse].reshape(idx.shape), pending, claimed)
 
     def collect(self, req: _Request):
         """Wait for ``req``'s decodes: ``(frames (*idx.shape, S, S, 3) uint8
@@ -368,19 +404,22 @@ class StreamedFrames:
         replies = {i: fut.result() for i, fut in req.pending.items()}
         with self._lock:
             for i, reply in replies.items():
-                if self.cache == "ram":
-                    if self._inflight.pop(i, None) is None:
-                        continue  # another request recorded it
+                if self._inflight.pop(i, None) is None:
+                    continue  # another request recorded it
                 if reply[0] == "ok":
                     self.rects[i], self.orig_shapes[i], self.known[i] = reply[1], reply[2], True
                 elif i not in self.failed:
                     self.failed[i] = reply[1]
                     self._new_failures.append(i)
-                    if self.cache == "ram":
-                        self._buf[i] = PAD_VALUE
+                    self._index_of[self._row_of.pop(i)] = -1  # the row holds no frame
             frames = np.asarray(self._buf[req.rows])  # fancy indexing: a copy
-            if req.ring_rows is not None:
-                self._free.extend(req.ring_rows.tolist())
+            for row in req.claimed:
+                self._pins[row] -= 1
+                if self._pins[row] == 0 and self.cache == "none":
+                    if self._index_of[row] >= 0:
+                        self._idle[row] = None  # the most recently used
+                    else:
+                        self._free.append(row)
             ok = np.asarray([i not in self.failed for i in req.idx.ravel().tolist()], bool).reshape(req.idx.shape)
             rects = self.rects[req.idx]
         if not ok.all():

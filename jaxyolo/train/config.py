@@ -65,6 +65,11 @@ class TrainConfig:
         strengths (:class:`jaxyolo.data.augment.AugmentConfig`; 0 disables
         one), run on the device inside the train step, drawn from ``(seed,
         step)``; ``mosaic`` is the probability of a 4-image mosaic.
+      mosaic_buffer: 0: a mosaic's 3 other images are drawn from the whole
+        dataset; W > 0: from the samples of the last W batches, the
+        deterministic form of ultralytics' buffer (``max_buffer_length`` =
+        8 batches there), which lets a streamed dataset decode ~1 image per
+        sample instead of 4 (:class:`jaxyolo.data.TrainBatches`).
       close_mosaic: no mosaic in the last this many epochs (ultralytics
         defaults to 10 of 100+ epochs; here 4 of the default 12, see the README).
       precision: ``"fp32"`` or ``"bf16"``: convolutions and activations in
@@ -102,6 +107,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_tau: float | None = None
     mosaic: float = 1.0
+    mosaic_buffer: int = 0
     degrees: float = 0.0
     translate: float = 0.1
     scale: float = 0.5
@@ -149,6 +155,8 @@ class TrainConfig:
             raise ValueError(f"img_size must be a multiple of 32, got {self.img_size}")
         if not self.lr0 > 0:
             raise ValueError(f"lr0 must be > 0, got {self.lr0}")
+        if not isinstance(self.mosaic_buffer, int) or isinstance(self.mosaic_buffer, bool) or self.mosaic_buffer < 0:
+            raise ValueError(f"mosaic_buffer must be an int >= 0, got {self.mosaic_buffer!r}")
         if not isinstance(self.close_mosaic, int) or self.close_mosaic < 0:
             raise ValueError(f"close_mosaic must be an int >= 0, got {self.close_mosaic!r}")
         self.augment_config()  # validates the strengths

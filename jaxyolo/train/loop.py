@@ -202,7 +202,8 @@ def train(
         if data is not None:
             (train_data, val_data), how = data, "data given in memory"
         else:
-            ring = (ahead + 2) * per_process * 4  # the frames of every request in flight (4: a mosaic's)
+            # the frames of every request in flight (4: a mosaic's), plus the recent samples a mosaic_buffer draws from
+            ring = (ahead + 2) * per_process * 4 + config.mosaic_buffer * config.batch
             train_data, val_data, how = _open_data(config, cache=cache, cache_dir=cache_dir, workers=workers, ring=ring, stack=stack)
         if header is not None and primary:
             log(f"{header}  data: {how}")
@@ -213,7 +214,7 @@ def train(
             log(f"warning: max_boxes={config.max_boxes} is below the {most} objects of the most crowded training image: the boxes beyond it are cut (counted in boxes_cut)")
         batches = TrainBatches(
             train_data, batch_size=config.batch, max_boxes=config.max_boxes, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            process_index=jax.process_index(), process_count=jax.process_count(), mosaic_buffer=config.mosaic_buffer,
         )
         spe = batches.steps_per_epoch
         if not resume:
