@@ -41,9 +41,8 @@ class TrainConfig:
         counted in the ``boxes_cut`` log column).  None (default): the most
         objects in one training image rounded up to a multiple of 8, at
         least 32 (:func:`jaxyolo.train.loop.default_max_boxes`; resolved when
-        the run starts and saved so).  The assigners' cost grows linearly
-        with M (TAL's ``(B, M, A)`` metrics): COCO's 96 costs about 3x the
-        loss time of 32.
+        the run starts and saved so).  The assigners' work and memory grow
+        linearly with M (TAL's and SimOTA's ``(B, M, A)`` metrics and costs).
       optimizer: ``"sgd"`` (Nesterov, momentum) or ``"adamw"`` (betas ``(momentum, 0.999)``).
       lr0: peak learning rate; lrf: final LR as a fraction of lr0.
       momentum: SGD momentum / AdamW beta1 (0.937 as YOLO).
