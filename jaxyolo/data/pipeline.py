@@ -1,9 +1,11 @@
 """The input pipeline: vectorised batch gathers and a background prefetcher.
 
 Decoded images stay ``uint8`` in host memory (a numpy array, or a
-``np.memmap`` of a cache file for sets that don't fit in RAM) and the labels
-are padded once to ``(N, M, ...)`` arrays, so a batch is one fancy-index
-gather per array: no per-record Python.  Batch ``k`` of epoch ``e`` is a pure
+``np.memmap`` of a cache file for sets that don't fit in RAM), or stream
+from their files (:mod:`jaxyolo.data.stream`: decoded by worker processes
+as the batches ask), and the labels are padded once to ``(N, M, ...)``
+arrays, so a batch is one fancy-index gather per array: no per-record
+Python.  Batch ``k`` of epoch ``e`` is a pure
 function of ``(seed, e, k)`` (the epoch's permutation is drawn from
 ``(seed, e)``), so a checkpoint stores only the position and ``--resume``
 replays the identical next batch.
@@ -12,7 +14,8 @@ Per-image augmentation is *not* done here: it runs on the device inside the
 jitted train step (:mod:`jaxyolo.data.augment`), keyed by the global step.
 For a mosaic the pipeline gathers K = 4 frames per sample: the sample itself
 and 3 others drawn uniformly from the dataset (upstream's
-``Mosaic.get_indexes``), also a function of ``(seed, epoch, k)``.
+``Mosaic.get_indexes`` without its buffer) or, with ``mosaic_buffer``, from
+the last batches' samples (with it), also a function of ``(seed, epoch, k)``.
 
 With several processes (multi-host), process ``p`` of ``P`` gathers only
 rows ``[p B / P, (p + 1) B / P)`` of every global batch, and
@@ -71,7 +74,9 @@ class TrainBatches:
     else 1.  The last partial batch of an epoch is dropped (static shapes).
 
     Args:
-      data: a :class:`jaxyolo.data.DetectionData` (``images`` may be a memmap).
+      data: a :class:`jaxyolo.data.DetectionData` (``images`` may be a
+        memmap) or a streamed :class:`jaxyolo.data.StreamedData` (decoded as
+        the batches ask; :meth:`stream` keeps the decodes ahead).
       batch_size: the global batch B.
       max_boxes: M.
       seed: data order seed.
