@@ -92,13 +92,15 @@ def main(argv=None) -> int:
 
         from jaxyolo.data.formats import discover
         from jaxyolo.data.stream import DecodePool, open_split
-        from jaxyolo.train.loop import default_max_boxes
 
         yaml = args.stream or make_folder(Path(__file__).parent / ".bench-data", 2000)
         pool = DecodePool(args.workers)
         train_data = val_data = open_split(discover(yaml, "train"), img_size=cfg.img_size, pool=pool, cache="none", ring=4 * cfg.batch * 4)
-        cfg = dataclasses.replace(cfg, max_boxes=default_max_boxes(train_data), epochs=max(2, -(-total // (len(train_data) // cfg.batch)) + 1))
+        cfg = dataclasses.replace(cfg, epochs=max(2, -(-total // (len(train_data) // cfg.batch)) + 1))
         print(f"streamed: {len(train_data)} JPEGs of {yaml}, {args.workers} decode workers, cache none")
+    from jaxyolo.train.loop import default_max_boxes
+
+    cfg = dataclasses.replace(cfg, max_boxes=cfg.max_boxes or default_max_boxes(train_data))  # as train() resolves it
     batches = TrainBatches(train_data, batch_size=cfg.batch, max_boxes=cfg.max_boxes, seed=cfg.seed)
 
     # (a) the bare step: the loop's compiled function (one compile, shared by

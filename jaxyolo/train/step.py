@@ -221,6 +221,8 @@ class Session:
 
     def _train_step(self, state, ema, acc, batch):
         config = self.config
+        if config.max_boxes is None:  # at trace time
+            raise ValueError("config.max_boxes is None: resolve it before training (train() sets jaxyolo.train.loop.default_max_boxes(train_data))")
         key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
         aug = config.augment_config(mosaic=batch["image"].shape[1] == 4)
         targets = Targets(batch["boxes"], batch["classes"], batch["mask"])
