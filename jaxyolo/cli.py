@@ -1,7 +1,8 @@
 """``jaxyolo train | eval | predict``: the command line.
 
     jaxyolo train [--loss yolov8|yolov5|yolox] [--data embedded|data.yaml|COCO|DIR] [--epochs N]
-                  [--img-size S] [--batch B] [--out DIR] [--resume] [augmentation flags] ...
+                  [--img-size S] [--batch B] [--out DIR] [--resume] [--cache auto|ram|disk|none] [--workers N]
+                  [augmentation flags] ...
     jaxyolo eval --checkpoint RUN|WEIGHTS [--data ...] [--img-size S]
     jaxyolo predict SOURCE --checkpoint RUN [--out DIR] [--conf 0.25] [--iou 0.7] [--save-txt]
     jaxyolo convert FILE [--name N] --out DIR                 (PyTorch checkpoint -> jaxyolo weights)
