@@ -4,7 +4,7 @@
                   [--img-size S] [--batch B] [--out DIR] [--resume] [--cache auto|ram|disk|none] [--workers N]
                   [augmentation flags] ...
     jaxyolo eval --checkpoint RUN|WEIGHTS [--data ...] [--img-size S]
-    jaxyolo predict SOURCE --checkpoint RUN [--out DIR] [--conf 0.25] [--iou 0.7] [--save-txt]
+    jaxyolo predict SOURCE --checkpoint RUN|WEIGHTS [--out DIR] [--conf 0.25] [--iou 0.7] [--save-txt]
     jaxyolo convert FILE [--name N] --out DIR                 (PyTorch checkpoint -> jaxyolo weights)
     jaxyolo compare --weights FILE [--name N] [--images DIR]  (upstream vs converted, the parity report)
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="run a checkpoint on images and draw the detections", formatter_class=_Help)
     r.add_argument("source", help="an image file or a folder of images")
-    r.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint's EMA model)")
+    r.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint's EMA model), or converted weights: a `jaxyolo convert` folder or an upstream .pt/.pth")
     r.add_argument("--out", default=None, help="output folder (default: runs/predict, then runs/predict-2, ...)")
     r.add_argument("--conf", type=float, default=0.25, help="score threshold")
     r.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")

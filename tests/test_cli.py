@@ -52,6 +52,8 @@ def test_cli_errors(tmp_path):
         main(["train", "--img-size", "100", "--out", str(tmp_path / "r2")])
     with pytest.raises(SystemExit, match="no checkpoints"):
         main(["eval", "--checkpoint", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^error: .*bst\.pt does not exist \(a run folder, or converted weights"):
+        main(["eval", "--checkpoint", str(tmp_path / "bst.pt"), "--data", "embedded"])  # a typo
     from PIL import Image
 
     Image.new("RGB", (40, 30)).save(tmp_path / "im.png")

@@ -251,6 +251,8 @@ def find_run_dir(path) -> Path:
         return p.parent
     if p.parent.name == "checkpoints" and p.is_dir():
         return p.parent.parent
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist (a run folder, or converted weights: a `jaxyolo convert` folder or a .pt/.pth file)")
     raise FileNotFoundError(f"no checkpoints under {p} (expected {p / 'checkpoints'})")
 
 
