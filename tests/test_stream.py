@@ -202,10 +202,9 @@ def test_shared_buffers_leave_nothing_behind_a_killed_run(yaml_spec):
     import tempfile
     import time
 
-    def ours():
-        return set(glob.glob("/dev/shm/jaxyolo-frames-*")) | set(glob.glob(os.path.join(tempfile.gettempdir(), "jaxyolo-frames-*")))
+    def ours(pid):  # the buffer files of process pid (their names carry it)
+        return glob.glob(f"/dev/shm/jaxyolo-frames-{pid}-*") + glob.glob(os.path.join(tempfile.gettempdir(), f"jaxyolo-frames-{pid}-*"))
 
-    before = ours()
     code = f"""
 import os, signal, sys
 from jaxyolo.data.formats import discover
@@ -219,7 +218,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
     child = subprocess.Popen([sys.executable, "-c", code, str(_yaml_of(yaml_spec))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     worker = int(child.stdout.readline())
-    assert ours() == before  # streaming: no named buffer file
+    assert ours(child.pid) == []  # streaming: no named buffer file
     child.stdin.write("\n")
     child.stdin.flush()
     assert child.wait(timeout=30) == -9
@@ -228,7 +227,7 @@ os.kill(os.getpid(), signal.SIGKILL)
             break
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z"
-    assert ours() == before
+    assert ours(child.pid) == []
 
 
 def test_a_buffer_the_workers_cannot_open_stops_with_the_reason(tmp_path):

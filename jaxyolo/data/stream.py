@@ -264,7 +264,7 @@ def _buffer_file(rows: int, size: int):
     folder = tempfile.gettempdir()
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free > 1.1 * nbytes:
         folder = "/dev/shm"
-    fd, path = tempfile.mkstemp(prefix="jaxyolo-frames-", suffix=".u8", dir=folder)
+    fd, path = tempfile.mkstemp(prefix=f"jaxyolo-frames-{os.getpid()}-", suffix=".u8", dir=folder)
     os.ftruncate(fd, nbytes)
     proc = f"/proc/{os.getpid()}/fd/{fd}"
     if os.path.exists(proc):
