@@ -94,10 +94,10 @@ class TrainBatches:
             raise ValueError(f"the training set has {len(data)} images, fewer than batch={batch_size}")
         if batch_size % process_count:
             raise ValueError(f"batch={batch_size} is not divisible by the {process_count} processes")
+        if not isinstance(mosaic_buffer, int) or isinstance(mosaic_buffer, bool) or mosaic_buffer < 0:
+            raise ValueError(f"mosaic_buffer must be an int >= 0, got {mosaic_buffer!r}")
         self.source = _Source(data, max_boxes)
         self.n = len(data)
-        if not isinstance(mosaic_buffer, int) or mosaic_buffer < 0:
-            raise ValueError(f"mosaic_buffer must be an int >= 0, got {mosaic_buffer!r}")
         self.batch_size, self.seed, self.mosaic_buffer = batch_size, seed, mosaic_buffer
         self.steps_per_epoch = self.n // batch_size
         per = batch_size // process_count
