@@ -172,3 +172,46 @@ def result(family, targets, *, jax_ms, torch_ms, compile_s, jax_total, torch_tot
     return dict(family=family, batch=int(targets.batch_size), jax_ms=jax_ms, torch_ms=torch_ms,
                 ratio=torch_ms / jax_ms, compile_s=compile_s, floor_ms=floor_ms, paths=dict(paths or {}),
                 torch_device=torch_device, jax_total=float(jax_total), torch_total=float(torch_total), notes=notes)
+
+
+def cpu_description() -> str:
+    """The CPU's model name, core count and widest vector ISA, e.g.
+    ``Intel(R) Xeon(R) Processor, 2 cores, AVX-512`` (from ``/proc/cpuinfo``
+    on Linux).  An ``--xla_cpu_max_isa`` in ``XLA_FLAGS`` is named too: XLA
+    then emits code for that ISA only (torch's equivalent is
+    ``ATEN_CPU_CAPABILITY``)."""
+    import os
+    import platform
+    import re
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        m = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+        name = m.group(1).strip() if m else name
+        m = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+        flags = set(m.group(1).split()) if m else set()
+    except OSError:
+        pass
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "AVX" if "avx" in flags
+           else "NEON/SVE" if platform.machine() in ("arm64", "aarch64") else "unknown ISA")
+    capped = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores, {isa}" + (f" (XLA capped at {capped.group(1)})" if capped else "")
+
+
+def load_check(threshold: float = 0.5) -> tuple[float, str | None]:
+    """``(1-minute load average, warning or None)``: a CPU benchmark on a
+    machine already running other work (load above ``threshold``) measures
+    the neighbours as much as the code; call it before starting."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return float("nan"), None
+    if load > threshold:
+        return load, (f"WARNING: load average {load:.2f} before the run (> {threshold}): this machine is busy, "
+                      "CPU timings and their ratio are unreliable; rerun on a quiet machine")
+    return load, None

@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import median_ms, random_targets, time_jitted  # noqa: E402
+from _bench_common import cpu_description, load_check, median_ms, random_targets, time_jitted  # noqa: E402
 
 MODELS = ("yolov8n", "yolo11n", "yolov5n", "yolox-nano")
 
@@ -43,6 +43,7 @@ def jax_step(model):
     import jax
     from flax import nnx
 
+    from jaxyolo._xla import compiler_options
     from jaxyolo.models import model_loss
 
     model.train()
@@ -53,7 +54,7 @@ def jax_step(model):
         total, _ = model_loss(m, m(images), targets)
         return total, nnx.state(m, nnx.BatchStat)
 
-    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True)), params, stats
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=compiler_options()), params, stats
 
 
 def torch_step(module, name, images, targets, rows, device):
@@ -146,6 +147,10 @@ def main(argv=None):
     device = t.device("cuda" if t.cuda.is_available() else "cpu")
     if device.type == "cpu":
         t.set_num_threads(os.cpu_count() or 1)
+    load, warning = load_check()
+    if warning:
+        print(warning, flush=True)
+    print(f"machine: {cpu_description()}; load average {load:.2f} at start", flush=True)
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
           f"torch {t.__version__} on {device} ({t.get_num_threads()} threads); "
           f"B={args.batch}, {args.img}x{args.img}, nc={args.nc}, median of {args.repeats}", flush=True)

@@ -202,6 +202,7 @@ def _eval(args) -> int:
 def _predict(args) -> int:
     import jax
 
+    from jaxyolo._xla import compiler_options
     from jaxyolo.evaluate import batched_nms
     from jaxyolo.predict import iter_predictions, list_images, save_prediction
     from jaxyolo.train import load_session
@@ -219,7 +220,8 @@ def _predict(args) -> int:
     out = Path(args.out) if args.out is not None else _next_free(Path("runs") / "predict")
     size = session.config.img_size
     conf, iou, max_det = args.conf, args.iou, args.max_det
-    nms = jax.jit(lambda p, s, im: batched_nms(*session.decode_images(p, s, im), conf_thres=conf, iou_thres=iou, max_det=max_det))
+    nms = jax.jit(lambda p, s, im: batched_nms(*session.decode_images(p, s, im), conf_thres=conf, iou_thres=iou, max_det=max_det),
+                  compiler_options=compiler_options())
     params, stats = session.ema["params"], session.ema["stats"]
     names = meta["names"]
     n = boxes = 0

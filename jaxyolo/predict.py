@@ -24,6 +24,7 @@ one from a raw ``images -> (boxes (B, A, 4), scores (B, A, nc))`` decoder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -181,9 +182,10 @@ def nms_predict_fn(raw_fn, *, conf: float = 0.25, iou: float = 0.7, max_det: int
     conf 0.25, IoU 0.7, 300 detections), jitted."""
     import jax
 
+    from jaxyolo._xla import compiler_options
     from jaxyolo.evaluate import batched_nms
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def fn(images):
         boxes, scores = raw_fn(images)
         return batched_nms(boxes, scores, conf_thres=conf, iou_thres=iou, max_det=max_det)

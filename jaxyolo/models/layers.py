@@ -17,6 +17,7 @@ BatchNorm statistics stay float32 and BatchNorm normalises in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -29,6 +30,7 @@ __all__ = [
     "BN_MOMENTUM",
     "Attention",
     "BatchNorm",
+    "batch_norm_train",
     "Bottleneck",
     "C2PSA",
     "C2f",
@@ -89,7 +91,47 @@ def conv2d(c_in: int, c_out: int, k: int = 1, s: int = 1, p: int | None = None, 
     return nnx.Conv(
         c_in, c_out, (k, k), strides=(s, s), padding=((p, p), (p, p)), feature_group_count=groups, use_bias=bias,
         kernel_init=_torch_conv_init, bias_init=torch_bias_init(c_in // groups * k * k), dtype=dtype, rngs=rngs,
+        conv_general_dilated=_conv_general_dilated,
     )
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``jax.lax.conv_general_dilated`` as :class:`flax.nnx.Conv` calls it,
+    with depthwise convolutions (``groups == C_in == C_out``, NHWC) written
+    as a sum of ``k * k`` shifted, per-channel scaled slices.
+
+    XLA:CPU's Eigen convolution runs a depthwise 3x3 convolution (YOLO11's
+    head, YOLOX's DWConv) as a grouped convolution at a tiny fraction of its
+    arithmetic speed (about 30 ms for one 16x16x16x80 layer on a 2-core CPU,
+    more than the rest of the layer); the shifted sum is elementwise work XLA
+    fuses into one loop, forward and backward, on every backend.  Same value
+    up to float32 rounding of the summation order.
+    """
+    c_in, c_out = lhs.shape[-1], rhs.shape[-1]
+    dilated = any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
+    if (feature_group_count == c_in == c_out and c_in > 1 and rhs.shape[-2] == 1 and not dilated and lhs.ndim == 4
+            and not isinstance(padding, str) and not kwargs.get("preferred_element_type")):
+        return _depthwise(lhs, rhs, tuple(window_strides), tuple(tuple(q) for q in padding))
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
+def _depthwise(x, w, strides, padding):
+    """Depthwise convolution of ``(B, H, W, C)`` with ``(kh, kw, 1, C)`` as a
+    sum of shifted slices (cross-correlation, torch's and XLA's convention)."""
+    kh, kw = w.shape[:2]
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    b, hp, wp, c = xp.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+            y = tap * w[i, j, 0] if y is None else y + tap * w[i, j, 0]
+    return y
 
 
 class Sequential(nnx.List):
@@ -122,20 +164,91 @@ class BatchNorm(nnx.Module):
         self.momentum, self.epsilon, self.dtype = momentum, eps, dtype
         self.use_running_average = use_running_average
 
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
+    def __call__(self, x, *, silu: bool = False):
+        """``(B, H, W, C)`` -> same shape; ``silu=True`` applies SiLU to the
+        output (one fused pass in train mode, see :func:`batch_norm_train`)."""
+        dtype = self.dtype or x.dtype
         if self.use_running_average:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
-            n = x.size // x.shape[-1]
-            m = self.momentum
-            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
-        y = (xf - mean) * (self.scale[...] * jax.lax.rsqrt(var + self.epsilon)) + self.bias[...]
-        return y.astype(self.dtype or x.dtype)
+            y = _bn_apply(x.astype(jnp.float32), self.mean[...], jax.lax.rsqrt(self.var[...] + self.epsilon), self.scale[...],
+                          self.bias[...])
+            return (jax.nn.silu(y) if silu else y).astype(dtype)
+        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], eps=self.epsilon, silu=silu)
+        n = x.size // x.shape[-1]
+        m = self.momentum
+        self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+        self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
+        return y.astype(dtype)
+
+
+def _bn_apply(xf, mean, inv, scale, bias):
+    """The normalisation both modes share, in this order (float32)."""
+    return (xf - mean) * (scale * inv) + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(x, scale, bias, eps, silu):
+    return _bn_train_fwd(x, scale, bias, eps, silu)[0]
+
+
+def _bn_train_fwd(x, scale, bias, eps, silu):
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axes)
+    var = jnp.mean(jnp.square(xf - mean), axes)  # biased, two-pass (torch)
+    inv = jax.lax.rsqrt(var + eps)
+    z = _bn_apply(xf, mean, inv, scale, bias)
+    y = z * jax.nn.sigmoid(z) if silu else z
+    return (y, mean, var), (x, mean, inv, scale, bias)
+
+
+def _bn_train_bwd(eps, silu, res, cts):
+    x, mean, inv, scale, bias = res
+    gy, g_mean, g_var = cts
+    xhat = (x.astype(jnp.float32) - mean) * inv
+    if silu:
+        z = xhat * scale + bias
+        s = jax.nn.sigmoid(z)
+        gz = gy * (s * (1 + z * (1 - s)))  # d silu(z) / dz, with sigmoid(z) computed once
+    else:
+        gz = gy
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    g_bias = jnp.sum(gz, axes)
+    g_scale = jnp.sum(gz * xhat, axes)
+    gx = (scale * inv) * (gz - g_bias / n - xhat * (g_scale / n))
+    # The batch statistics' own cotangents (zero when only the running averages
+    # read them, under stop_gradient): d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n.
+    gx = gx + g_mean / n + g_var * (2 / n) * xhat / inv
+    return gx.astype(x.dtype), g_scale, g_bias
+
+
+_batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+
+def batch_norm_train(x, scale, bias, *, eps: float = BN_EPS, silu: bool = False):
+    """Train-mode BatchNorm (optionally followed by SiLU) with a hand-written backward.
+
+    The value is torch's ``BatchNorm2d`` in train mode: batch mean and biased
+    variance (two passes) over every axis but the last, computed in float32.
+    The backward is the textbook BatchNorm gradient in two passes over the
+    activations (one reduction for ``sum(g)`` and ``sum(g * x_hat)``, one
+    elementwise pass), with SiLU's derivative folded in and ``x_hat``
+    recomputed from the saved input rather than stored.  XLA's own derivative
+    of the forward formula takes several more passes over activations of the
+    size of the feature maps; on a CPU the train step of a nano model spends
+    more time in them than in its convolutions.
+
+    Args:
+      x: ``(..., C)`` activations (any float dtype).
+      scale, bias: ``(C,)`` float32, BatchNorm's weight and bias.
+      eps: added to the variance.
+      silu: apply SiLU to the normalised output.
+
+    Returns:
+      ``(y, mean, var)``: ``y`` float32 of ``x``'s shape, the batch ``mean``
+      and biased ``var`` ``(C,)`` (for the running statistics).
+    """
+    return _batch_norm_train(x, scale, bias, float(eps), bool(silu))
 
 
 class ConvBnAct(nnx.Module):
@@ -150,8 +263,7 @@ class ConvBnAct(nnx.Module):
         self.act = act
 
     def __call__(self, x):
-        x = self.bn(self.conv(x))
-        return jax.nn.silu(x) if self.act else x
+        return self.bn(self.conv(x), silu=self.act)
 
 
 class Bottleneck(nnx.Module):
@@ -289,12 +401,58 @@ class C2PSA(nnx.Module):
         return self.cv2(jnp.concatenate([y[..., : self.c], self.m(y[..., self.c :])], axis=-1))
 
 
+def _maxpool(x, k: int, axes=(1, 2)):
+    """Max over a ``k``-wide window (stride 1, ``k // 2`` padding) along ``axes``."""
+    window, pads = [1] * x.ndim, [(0, 0)] * x.ndim
+    for a in axes:
+        window[a], pads[a] = k, (k // 2, k // 2)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, tuple(window), (1,) * x.ndim, pads)
+
+
+def _route_to_first_max(x, y, g, k: int, axis: int):
+    """The gradient of a 1-D ``k``-wide max-pool along ``axis`` (``y`` its
+    output): each ``g`` goes to the *first* window position holding the max."""
+    p = k // 2
+    n = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (p, p)
+    xp = jnp.pad(x, pad, constant_values=-jnp.inf)
+    taken = jnp.zeros(y.shape, bool)
+    gp = jnp.zeros(xp.shape, g.dtype)
+    for d in range(k):  # window positions in order; output i reads input i + d - p
+        hit = (jax.lax.slice_in_dim(xp, d, d + n, axis=axis) == y) & ~taken
+        taken = taken | hit
+        gp = gp + jnp.pad(jnp.where(hit, g, 0), [(d, k - 1 - d) if a == axis else (0, 0) for a in range(x.ndim)])
+    return jax.lax.slice_in_dim(gp, p, p + n, axis=axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def maxpool_same(x, k: int):
-    """``torch.nn.MaxPool2d(k, stride=1, padding=k // 2)`` on ``(B, H, W, C)``."""
-    pad = k // 2
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), [(0, 0), (pad, pad), (pad, pad), (0, 0)]
-    )
+    """``torch.nn.MaxPool2d(k, stride=1, padding=k // 2)`` on ``(B, H, W, C)``.
+
+    The gradient goes, as in torch, to the first maximum of each window in
+    row-major order (ties are the rule after a max-pool: SPPF chains three).
+    It is computed as two separable 1-D routings (rows: the first row whose
+    row-maximum is the max; then the first column of that row), which is the
+    same element, instead of XLA's ``select_and_scatter`` derivative of
+    ``reduce_window``: on a CPU that carries four index arrays through a
+    variadic window reduction and cost more than the convolutions around it.
+    """
+    return _maxpool(x, k)
+
+
+def _maxpool_fwd(x, k):
+    return _maxpool(x, k), x
+
+
+def _maxpool_bwd(k, x, g):
+    rows = _maxpool(x, k, axes=(2,))  # max along W: each output row's candidates
+    y = _maxpool(rows, k, axes=(1,))
+    g_rows = _route_to_first_max(rows, y, g, k, axis=1)
+    return (_route_to_first_max(x, rows, g_rows, k, axis=2),)
+
+
+maxpool_same.defvjp(_maxpool_fwd, _maxpool_bwd)
 
 
 class SPPF(nnx.Module):

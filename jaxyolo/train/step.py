@@ -27,6 +27,7 @@ from jaxyolo.evaluate import batched_nms
 from jaxyolo.models import build_detector, build_model, load_weights, transfer_weights
 from jaxyolo.targets import Targets
 from jaxyolo import parallel
+from jaxyolo._xla import compiler_options
 from jaxyolo.train.config import TrainConfig
 from jaxyolo.train.optim import ema_decay, ema_tau_for, ema_update, make_optimizer
 
@@ -206,8 +207,10 @@ class Session:
             # second Session of the same run (resume, eval) reuses the executables.
             self.graph_train, self.graph_eval = graph_train, graph_eval
             rep, bsh = self.replicated, self.batch_sharding
-            train_step = jax.jit(self._train_step, in_shardings=(rep, rep, rep, bsh), out_shardings=(rep, rep, rep), donate_argnums=(0, 1, 2))
-            predict = jax.jit(self._predict, in_shardings=(rep, rep, bsh), out_shardings=bsh)
+            opts = compiler_options(self.mesh.devices.flat[0].platform)
+            train_step = jax.jit(self._train_step, in_shardings=(rep, rep, rep, bsh), out_shardings=(rep, rep, rep), donate_argnums=(0, 1, 2),
+                                 compiler_options=opts)
+            predict = jax.jit(self._predict, in_shardings=(rep, rep, bsh), out_shardings=bsh, compiler_options=opts)
             compiled = _COMPILED[key] = (graph_train, graph_eval, train_step, predict)
         self.graph_train, self.graph_eval, self.train_step, self.predict = compiled
 
