@@ -7,9 +7,11 @@ For each model, one forward + backward of the model *with its matching loss*
 (train-mode BatchNorm), timed on both sides:
 
 * jaxyolo: ``jax.jit(jax.value_and_grad(loss))`` over the parameters (BatchNorm
-  statistics updated as in training), inputs already on the default JAX
-  backend (CPU, GPU or TPU), median of ``--repeats`` calls after a warm call;
-  ``compile s`` is the first call minus a warm one.
+  statistics updated as in training), parameters and statistics as raw
+  arrays and compiled with jaxyolo's compiler options, as the trainer's step
+  has them; inputs already on the default JAX backend (CPU, GPU or TPU),
+  median of ``--repeats`` calls after a warm call; ``compile s`` is the first
+  call minus a warm one.
 * upstream: the upstream model built by upstream's code, its own loss
   (ultralytics ``DetectionModel.loss`` = ``v8DetectionLoss``, yolov5
   ``ComputeLoss``, YOLOX ``get_losses`` through ``YOLOX.forward``) and
@@ -48,13 +50,34 @@ def jax_step(model):
 
     model.train()
     graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    # Raw arrays in and out, as the trainer's step takes them (jaxyolo.train.step):
+    # nnx.Variable leaves would add ~7 ms of host work per call on this model.
+    params, stats = nnx.pure(params), nnx.pure(stats)
 
     def loss_fn(p, s, images, targets):
-        m = nnx.merge(graph, p, jax.tree.map(lambda a: a, s))  # fresh Variables: BatchNorm writes its statistics
+        m = nnx.merge(graph, p, s)  # fresh Variables: BatchNorm writes its statistics
         total, _ = model_loss(m, m(images), targets)
-        return total, nnx.state(m, nnx.BatchStat)
+        return total, nnx.pure(nnx.state(m, nnx.BatchStat))
 
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=compiler_options()), params, stats
+
+
+def conv_floor_step(model, images, targets):
+    """``jax_step`` of the same network with every ``ConvBnAct``'s BatchNorm
+    and SiLU skipped, compiled for ``(images, targets)``: its convolutions
+    (forward, input and weight gradients), concatenations, upsampling, pooling
+    and the loss, as XLA compiles them.  A train step that keeps BatchNorm
+    cannot be faster than this program, so ``upstream ms / conv-only ms``
+    bounds the speed-up on this backend."""
+    from jaxyolo.models import layers
+
+    call = layers.ConvBnAct.__call__
+    layers.ConvBnAct.__call__ = lambda self, x: self.conv(x)
+    try:  # traced and compiled while the layer is patched
+        step, params, stats = jax_step(model)
+        return step.lower(params, stats, images, targets).compile(), params, stats
+    finally:
+        layers.ConvBnAct.__call__ = call
 
 
 def torch_step(module, name, images, targets, rows, device):
@@ -102,7 +125,7 @@ def torch_step(module, name, images, targets, rows, device):
     return step
 
 
-def bench_one(name, *, batch, img, nc, max_gt, repeats, seed, device):
+def bench_one(name, *, batch, img, nc, max_gt, repeats, seed, device, floor=False):
     import jax
     import jax.numpy as jnp
 
@@ -120,11 +143,15 @@ def bench_one(name, *, batch, img, nc, max_gt, repeats, seed, device):
     out, jax_ms, compile_s = time_jitted(step, params, stats, x, targets, repeats=repeats)
     jax_loss = float(out[0][0])
     del out
+    floor_ms = None
+    if floor:
+        fstep, fparams, fstats = conv_floor_step(model, x, targets)
+        floor_ms = time_jitted(fstep, fparams, fstats, x, targets, repeats=repeats)[1]
 
     tstep = torch_step(module, name, images, targets, rows, device)
     torch_loss = tstep()  # warm-up (and the loss from the same starting weights)
     torch_ms = median_ms(tstep, repeats)
-    return dict(name=name, jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms, compile_s=compile_s,
+    return dict(name=name, jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms, compile_s=compile_s, floor_ms=floor_ms,
                 jax_loss=jax_loss, torch_loss=torch_loss, boxes=int(np.asarray(targets.mask).sum()))
 
 
@@ -137,6 +164,8 @@ def main(argv=None):
     p.add_argument("--max-gt", type=int, default=32, help="0..max-gt boxes per image")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--floor", action="store_true",
+                   help="also time the conv-only network (BatchNorm and SiLU skipped): the largest speed-up it allows")
     args = p.parse_args(argv)
 
     import jax
@@ -158,15 +187,19 @@ def main(argv=None):
     for name in args.models.split(","):
         t0 = time.perf_counter()
         r = bench_one(name, batch=args.batch, img=args.img, nc=args.nc, max_gt=args.max_gt, repeats=args.repeats,
-                      seed=args.seed, device=device)
+                      seed=args.seed, device=device, floor=args.floor)
         rows.append(r)
         print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     print()
-    print("| model | jaxyolo ms | upstream ms | speed-up | compile s | loss jaxyolo | loss upstream | boxes |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    floor = (" conv-only ms | largest speed-up |", " --- | --- |") if args.floor else ("", "")
+    print("| model | jaxyolo ms | upstream ms | speed-up |" + floor[0] + " compile s | loss jaxyolo | loss upstream | boxes |")
+    print("| --- | --- | --- | --- |" + floor[1] + " --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['name']} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | {r['ratio']:.2f}x | {r['compile_s']:.1f} | "
+        extra = f" {r['floor_ms']:.1f} | {r['torch_ms'] / r['floor_ms']:.2f}x |" if args.floor else ""
+        print(f"| {r['name']} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | {r['ratio']:.2f}x |{extra} {r['compile_s']:.1f} | "
               f"{r['jax_loss']:.6g} | {r['torch_loss']:.6g} | {r['boxes']} |")
+    load, warning = load_check()
+    print(f"load average {load:.2f} at the end (this run's own work included)")
     return rows
 
 
