@@ -201,17 +201,39 @@ def cpu_description() -> str:
     return f"{name}, {cores} cores, {isa}" + (f" (XLA capped at {capped.group(1)})" if capped else "")
 
 
-def load_check(threshold: float = 0.5) -> tuple[float, str | None]:
-    """``(1-minute load average, warning or None)``: a CPU benchmark on a
-    machine already running other work (load above ``threshold``) measures
-    the neighbours as much as the code; call it before starting."""
+def load_check(seconds: float = 1.0, busy_threshold: float = 0.1) -> tuple[str, str | None]:
+    """``(description, warning or None)`` of how busy this machine is *now*.
+
+    On Linux, the share of CPU time that others used over ``seconds`` (from
+    ``/proc/stat``: every state but idle and iowait, while this process
+    sleeps) and the *steal* share, the time a virtual machine's host gave to
+    other guests; the 1-minute load average is printed too but not judged, as
+    it still counts a run that just finished.  A CPU benchmark on a machine
+    that is busy (over ``busy_threshold``) or stolen from measures the
+    neighbours as much as the code: call this before starting.
+    """
     import os
+    import time
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        steal = v[7] if len(v) > 7 else 0
+        return sum(v[:8]), idle, steal
 
     try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return float("nan"), None
-    if load > threshold:
-        return load, (f"WARNING: load average {load:.2f} before the run (> {threshold}): this machine is busy, "
-                      "CPU timings and their ratio are unreliable; rerun on a quiet machine")
-    return load, None
+        t0, i0, s0 = sample()
+        time.sleep(seconds)
+        t1, i1, s1 = sample()
+    except (OSError, ValueError, IndexError):
+        return f"load average {load:.2f}", None
+    total = max(t1 - t0, 1)
+    busy, steal = 1 - (i1 - i0) / total, (s1 - s0) / total
+    text = f"busy {busy:.0%} (steal {steal:.0%}) over {seconds:g} s before the run, load average {load:.2f}"
+    if busy > busy_threshold or steal > busy_threshold / 2:
+        return text, (f"WARNING: this machine is busy ({text}): CPU timings and their ratio are unreliable; "
+                      "rerun on a quiet machine")
+    return text, None

@@ -11,7 +11,9 @@ For each model, one forward + backward of the model *with its matching loss*
   arrays and compiled with jaxyolo's compiler options, as the trainer's step
   has them; inputs already on the default JAX backend (CPU, GPU or TPU),
   median of ``--repeats`` calls after a warm call; ``compile s`` is the first
-  call minus a warm one.
+  call minus a warm one.  The timed calls of the two sides (and of the
+  conv-only network, ``--floor``) alternate, one of each per round, so that a
+  shared machine's changing speed does not favour one side.
 * upstream: the upstream model built by upstream's code, its own loss
   (ultralytics ``DetectionModel.loss`` = ``v8DetectionLoss``, yolov5
   ``ComputeLoss``, YOLOX ``get_losses`` through ``YOLOX.forward``) and
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -140,17 +143,25 @@ def bench_one(name, *, batch, img, nc, max_gt, repeats, seed, device, floor=Fals
     model = from_torch(module.state_dict(), name=name)  # the same weights, before any training-mode forward
     step, params, stats = jax_step(model)
     x = jax.device_put(jnp.asarray(images))
-    out, jax_ms, compile_s = time_jitted(step, params, stats, x, targets, repeats=repeats)
+    out, _, compile_s = time_jitted(step, params, stats, x, targets, repeats=1)
     jax_loss = float(out[0][0])
     del out
-    floor_ms = None
+    timed = {"jax": lambda: jax.block_until_ready(step(params, stats, x, targets))}
     if floor:
         fstep, fparams, fstats = conv_floor_step(model, x, targets)
-        floor_ms = time_jitted(fstep, fparams, fstats, x, targets, repeats=repeats)[1]
-
+        jax.block_until_ready(fstep(fparams, fstats, x, targets))
+        timed["floor"] = lambda: jax.block_until_ready(fstep(fparams, fstats, x, targets))
     tstep = torch_step(module, name, images, targets, rows, device)
     torch_loss = tstep()  # warm-up (and the loss from the same starting weights)
-    torch_ms = median_ms(tstep, repeats)
+    timed["torch"] = tstep
+    # Interleaved rounds (jaxyolo, conv-only, upstream, jaxyolo, ...): a drift of
+    # a shared machine's speed falls on every column alike, not on one side.
+    times = {k: [] for k in timed}
+    for _ in range(repeats):
+        for k, fn in timed.items():
+            times[k].append(median_ms(fn, 1))
+    jax_ms, torch_ms = statistics.median(times["jax"]), statistics.median(times["torch"])
+    floor_ms = statistics.median(times["floor"]) if floor else None
     return dict(name=name, jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms, compile_s=compile_s, floor_ms=floor_ms,
                 jax_loss=jax_loss, torch_loss=torch_loss, boxes=int(np.asarray(targets.mask).sum()))
 
@@ -176,10 +187,10 @@ def main(argv=None):
     device = t.device("cuda" if t.cuda.is_available() else "cpu")
     if device.type == "cpu":
         t.set_num_threads(os.cpu_count() or 1)
-    load, warning = load_check()
+    quiet, warning = load_check()
     if warning:
         print(warning, flush=True)
-    print(f"machine: {cpu_description()}; load average {load:.2f} at start", flush=True)
+    print(f"machine: {cpu_description()}; {quiet}", flush=True)
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
           f"torch {t.__version__} on {device} ({t.get_num_threads()} threads); "
           f"B={args.batch}, {args.img}x{args.img}, nc={args.nc}, median of {args.repeats}", flush=True)
@@ -198,8 +209,6 @@ def main(argv=None):
         extra = f" {r['floor_ms']:.1f} | {r['torch_ms'] / r['floor_ms']:.2f}x |" if args.floor else ""
         print(f"| {r['name']} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | {r['ratio']:.2f}x |{extra} {r['compile_s']:.1f} | "
               f"{r['jax_loss']:.6g} | {r['torch_loss']:.6g} | {r['boxes']} |")
-    load, warning = load_check()
-    print(f"load average {load:.2f} at the end (this run's own work included)")
     return rows
 
 

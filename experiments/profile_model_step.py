@@ -163,10 +163,10 @@ def main(argv=None):
 
     t = upstream.torch()
     t.set_num_threads(os.cpu_count() or 1)
-    load, warning = load_check()
+    quiet, warning = load_check()
     if warning:
         print(warning)
-    print(f"machine: {cpu_description()}; load average {load:.2f}; jax {jax.__version__}, torch {t.__version__} "
+    print(f"machine: {cpu_description()}; {quiet}; jax {jax.__version__}, torch {t.__version__} "
           f"({t.get_num_threads()} threads); {args.model}, B={args.batch}, {args.img}x{args.img}, {args.steps} steps")
     rng = np.random.default_rng(args.seed)
     images = rng.random((args.batch, args.img, args.img, 3), dtype=np.float32)

@@ -8,6 +8,7 @@
   small) with any of the three heads (:func:`build_detector`).
 """
 
+from jaxyolo._xla import compiler_options
 from jaxyolo.models.backbone import MODEL_SIZES, STRIDES, Backbone, ModelSize
 from jaxyolo.models.convert import from_torch, load_weights, save_weights, to_torch_state_dict, transfer_weights
 from jaxyolo.models.detector import HEAD_TYPES, Detector, build_detector
@@ -36,6 +37,7 @@ __all__ = [
     "Yolov8Head",
     "YoloxHead",
     "build_detector",
+    "compiler_options",
     "build_model",
     "decode_yolov5",
     "decode_yolov8",
