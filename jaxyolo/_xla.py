@@ -8,10 +8,9 @@ One option today, on the CPU only:
   YNNPACK by default; for the convolutions of a YOLO train step (small channel
   counts, the weight gradients as convolutions with a window the size of the
   feature map) XLA's Eigen convolutions are faster: the yolov8n train step at
-  B 16, 128x128 went from 300-390 ms to 200-260 ms on a 2-core Xeon, B 8,
-  320x320 from 816 to 499 ms (``experiments/bench_models.py``).  Turning every
-  YNNPACK fusion off instead is slower (412 ms): its BatchNorm reductions are
-  the fast ones.
+  B 16, 128x128 went from 300-314 ms to 197-259 ms on a 2-core Xeon (README,
+  *Speed* of the architectures).  Turning every YNNPACK fusion off instead is
+  slower (412 ms): its BatchNorm reductions are the fast ones.
 
 The option is passed per ``jit`` (``compiler_options``), so it applies to
 jaxyolo's steps and nothing else in the process.  A user who sets
