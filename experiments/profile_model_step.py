@@ -46,7 +46,7 @@ from _bench_common import cpu_description, load_check, random_targets  # noqa: E
 KINDS = (
     "conv forward", "conv input gradient", "conv weight gradient", "layout transposes for conv gradients",
     "BatchNorm + SiLU (elementwise)", "BatchNorm statistics / gradient sums", "concat, slice, upsample, pad",
-    "max-pool (SPPF)", "matmul", "other (loss, optimiser-free rest)",
+    "max-pool (SPPF)", "matmul (loss)", "other",
 )
 
 
@@ -65,7 +65,8 @@ def _hlo_kinds(hlo: str) -> dict[str, str]:
         m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)", line)
         if not m:
             continue
-        name, shape, op, rest = m.groups()
+        name, _, op, rest = m.groups()
+        op_name = re.search(r'op_name="([^"]*)"', line)
         called = re.search(r"calls=%?([\w.\-]+)", rest)
         body = "\n".join(bodies.get(called.group(1), [])) if called else ""
         ops = set(re.findall(r"= \S+ ([\w\-]+)\(", body)) | {op}
@@ -73,7 +74,7 @@ def _hlo_kinds(hlo: str) -> dict[str, str]:
             conv = re.search(r"= f32\[(\d+),(\d+),\d+,\d+\]\S* convolution\(.*?window=\{size=(\d+)", body + "\n" + line)
             if conv and int(conv.group(2)) < int(conv.group(3)):  # output (C_in, kh, kw, C_out), window = the feature map
                 kinds[name] = "conv weight gradient"
-            elif 'transpose(' in (re.search(r'op_name="([^"]*)"', line) or re.search("()", "")).group(1):
+            elif op_name and "transpose(" in op_name.group(1):  # the VJP of a forward convolution
                 kinds[name] = "conv input gradient"
             else:
                 kinds[name] = "conv forward"
@@ -82,7 +83,7 @@ def _hlo_kinds(hlo: str) -> dict[str, str]:
         elif "reduce-window" in ops or "select-and-scatter" in ops:
             kinds[name] = "max-pool (SPPF)"
         elif "dot" in ops:
-            kinds[name] = "matmul"
+            kinds[name] = "matmul (loss)"
         elif "reduce" in ops:
             kinds[name] = "BatchNorm statistics / gradient sums"
         elif ops & {"concatenate", "slice", "pad", "dynamic-slice", "dynamic-update-slice"}:
@@ -90,7 +91,7 @@ def _hlo_kinds(hlo: str) -> dict[str, str]:
         elif op == "fusion" and ops & {"multiply", "add", "subtract", "divide", "exponential", "logistic", "rsqrt"}:
             kinds[name] = "BatchNorm + SiLU (elementwise)"
         else:
-            kinds[name] = "other (loss, optimiser-free rest)"
+            kinds[name] = "other"
     return kinds
 
 
