@@ -32,27 +32,32 @@ def test_nms_matches_reference(rng, conf, iou, max_det):
         assert np.all(osc[i, n:] == 0)
 
 
-def _greedy_nms(boxes, scores, *, conf_thres, iou_thres, max_det):
+def _greedy_nms(boxes, scores, *, conf_thres, iou_thres, max_det, multi_label=False):
     """Greedy NMS from the definition, for one image (float64, no eps, no class offsets).
 
-    Each box votes for its best class (first maximum); candidates have that score
-    ``> conf_thres``.  Visit candidates by descending score, ties by lower index;
-    keep a box unless a kept box of its class overlaps it with IoU ``> iou_thres``;
-    return the first ``max_det`` kept as ``(index, score, class)``.
+    Single-label: each box votes for its best class (first maximum).  Multi-label:
+    every (box, class) pair is a candidate.  Candidates have a score ``> conf_thres``.
+    Visit them by descending score, ties by lower (box, class); keep one unless a
+    kept candidate of its class overlaps it with IoU ``> iou_thres``; return the
+    first ``max_det`` kept as ``(index, score, class)``.
     """
     boxes, scores = np.asarray(boxes, np.float64), np.asarray(scores, np.float64)
-    cls, conf = scores.argmax(-1), scores.max(-1)
+    if multi_label:
+        cand = [(a, c, scores[a, c]) for a in range(len(boxes)) for c in range(scores.shape[1])]
+    else:
+        cand = [(a, scores[a].argmax(), scores[a].max()) for a in range(len(boxes))]
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    kept = []
-    for i in sorted(np.flatnonzero(conf > conf_thres), key=lambda i: (-conf[i], i)):
-        def iou(j):
-            w = max(0.0, min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0]))
-            h = max(0.0, min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1]))
-            return w * h / (area[i] + area[j] - w * h)
 
-        if all(cls[j] != cls[i] or iou(j) <= iou_thres for j in kept):
-            kept.append(i)
-    return [(i, conf[i], cls[i]) for i in kept[:max_det]]
+    def iou(i, j):
+        w = max(0.0, min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0]))
+        h = max(0.0, min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1]))
+        return w * h / (area[i] + area[j] - w * h)
+
+    kept = []
+    for a, c, s in sorted((x for x in cand if x[2] > conf_thres), key=lambda x: (-x[2], x[0], x[1])):
+        if all(kc != c or iou(ka, a) <= iou_thres for ka, kc, _ in kept):
+            kept.append((a, c, s))
+    return [(a, s, c) for a, c, s in kept[:max_det]]
 
 
 def _assert_nms_equals(boxes, scores, ref, *, max_det, **kw):
@@ -111,6 +116,55 @@ def test_nms_matches_ultralytics(oracles, rng, conf, iou, max_det):
         np.testing.assert_allclose(ob[i, :n], ref[i][:, :4], rtol=1e-6, atol=1e-4)  # upstream round-trips cxcywh
         np.testing.assert_array_equal(osc[i, :n], ref[i][:, 4])
         np.testing.assert_array_equal(oc[i, :n], ref[i][:, 5].astype(int))
+
+
+@pytest.mark.parametrize("conf,iou,max_det", [(0.001, 0.7, 300), (0.05, 0.6, 40), (0.3, 0.45, 5)])
+def test_multi_label_nms_matches_ultralytics(oracles, rng, conf, iou, max_det):
+    """``multi_label=True`` against ultralytics 8.4.190 ``non_max_suppression(multi_label=True)``
+    (what ``DetectionValidator`` runs) on scores without ties: the same (box, class) detections,
+    same order; boxes kept for several classes appear once per class."""
+    boxes, scores = _random_case(rng, 3, 200, 4)
+    assert len(np.unique(scores)) == scores.size  # no ties (torch's sort is not stable)
+    ref = oracles.ultralytics_nms(boxes, scores, conf_thres=conf, iou_thres=iou, max_det=max_det, multi_label=True)
+    ob, osc, oc, ov, cnt = (np.asarray(x) for x in batched_nms(jnp.asarray(boxes), jnp.asarray(scores), conf_thres=conf,
+                                                                iou_thres=iou, max_det=max_det, multi_label=True,
+                                                                pre_nms_topk=800, with_count=True))
+    np.testing.assert_array_equal(cnt, (scores > conf).sum((1, 2)))
+    multi = 0
+    for i in range(3):
+        n = len(ref[i])
+        assert n > 0 and int(ov[i].sum()) == n and ov[i, :n].all()
+        np.testing.assert_allclose(ob[i, :n], ref[i][:, :4], rtol=1e-6, atol=1e-4)
+        np.testing.assert_array_equal(osc[i, :n], ref[i][:, 4])
+        np.testing.assert_array_equal(oc[i, :n], ref[i][:, 5].astype(int))
+        multi += n - len(np.unique(ob[i, :n].round(2), axis=0))
+    assert multi > 0 or conf > 0.1  # at low thresholds some boxes are kept for two classes
+
+
+@pytest.mark.parametrize("max_det", [7, 100])
+def test_multi_label_nms_matches_definition(rng, max_det):
+    """Multi-label NMS equals the definition, score ties included (lower box, then lower class,
+    first), and a box kept for one class does not suppress it for another."""
+    boxes, scores = _random_case(rng, 1, 60, 3)
+    scores = (np.round(scores[0] * 8) / 8).astype(np.float32)  # few distinct values: many ties
+    boxes = boxes[0]
+    full = _greedy_nms(boxes, scores, conf_thres=0.1, iou_thres=0.5, max_det=1000, multi_label=True)
+    assert len({r[0] for r in full}) < len(full) and len({r[1] for r in full}) < len(full)  # multi-class boxes, ties
+    ref = full[:max_det]
+    _assert_nms_equals(boxes, scores, ref, conf_thres=0.1, iou_thres=0.5, max_det=max_det, multi_label=True)
+
+
+def test_multi_label_nms_drops_beyond_topk_and_counts():
+    """With more candidates than ``pre_nms_topk`` the lowest-scoring go first, and the count says so."""
+    boxes = np.tile(np.float32([[0, 0, 10, 10]]), (5, 1)) + np.arange(5, dtype=np.float32)[:, None] * 20
+    scores = np.float32([[0.9, 0.8], [0.7, 0.6], [0.5, 0.4], [0.3, 0.2], [0.15, 0.12]])
+    b, s, c, v, n = (np.asarray(x)[0] for x in batched_nms(jnp.asarray(boxes[None]), jnp.asarray(scores[None]), conf_thres=0.1,
+                                                          iou_thres=0.5, max_det=10, multi_label=True, pre_nms_topk=4, with_count=True))
+    assert n == 10 and v.sum() == 4
+    np.testing.assert_array_equal(s[:4], np.float32([0.9, 0.8, 0.7, 0.6]))
+    np.testing.assert_array_equal(c[:4], [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="pre_nms_topk"):
+        batched_nms(jnp.asarray(boxes[None]), jnp.asarray(scores[None]), pre_nms_topk=0)
 
 
 def test_nms_class_aware_and_thresholds():

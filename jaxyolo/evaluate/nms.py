@@ -13,28 +13,43 @@ from jaxyolo.boxes import box_iou_matrix
 __all__ = ["batched_nms", "nms_reference"]
 
 
-def _nms_one(boxes, scores, *, conf_thres, iou_thres, max_det, pre_nms_topk, max_wh):
-    # Best class per anchor (single-label, as ultralytics' default).
-    cls = jnp.argmax(scores, axis=-1)
-    conf = jnp.max(scores, axis=-1)
-    k = min(pre_nms_topk, conf.shape[0])
-    top_conf, idx = jax.lax.top_k(conf, k)  # sorted descending, ties by lower index
-    top_boxes, top_cls = boxes[idx], cls[idx]
+def _candidates(scores, *, k, multi_label):
+    """The top-``k`` (score, anchor, class) candidates of one image, descending.
+
+    Single-label: each anchor votes for its best class (first maximum), as
+    upstream's default (``conf, j = cls.max(1)``).  Multi-label (upstream's
+    ``multi_label=True``, what ``DetectionValidator`` runs): every (anchor,
+    class) pair is a candidate with its own score, so one box can be kept for
+    several classes.  Ties in score put the lower flat index first."""
+    nc = scores.shape[-1]
+    if multi_label:
+        top_conf, idx = jax.lax.top_k(scores.reshape(-1), k)
+        return top_conf, idx // nc, idx % nc
+    top_conf, anchor = jax.lax.top_k(jnp.max(scores, axis=-1), k)
+    return top_conf, anchor, jnp.argmax(scores, axis=-1)[anchor]
+
+
+def _nms_one(boxes, scores, *, conf_thres, iou_thres, max_det, pre_nms_topk, max_wh, multi_label):
+    n_pairs = scores.shape[0] * (scores.shape[1] if multi_label else 1)
+    k = min(pre_nms_topk, n_pairs)
+    top_conf, anchor, top_cls = _candidates(scores, k=k, multi_label=multi_label)
+    top_boxes = boxes[anchor]
     valid = top_conf > conf_thres
-    # Class-aware: offset each class into its own region so classes never overlap.
-    offset = top_cls.astype(boxes.dtype)[:, None] * max_wh
-    iou = box_iou_matrix(top_boxes + offset, top_boxes + offset)
-    later = jnp.arange(k)[None, :] > jnp.arange(k)[:, None]
-    suppress = (iou > iou_thres) & later
+    n_cand = (scores > conf_thres).sum() if multi_label else (jnp.max(scores, axis=-1) > conf_thres).sum()
+    # Class-aware: offset each class into its own region so classes never overlap
+    # (upstream's ``c * max_wh``, same float32 rounding).
+    shifted = top_boxes + top_cls.astype(boxes.dtype)[:, None] * max_wh
+    later = jnp.arange(k)
 
     def body(i, keep):
-        return keep & ~(suppress[i] & keep[i])
+        # One row of the IoU matrix at a time: memory O(k), not O(k^2).
+        row = box_iou_matrix(jax.lax.dynamic_slice_in_dim(shifted, i, 1), shifted)[0]
+        return keep & ~((row > iou_thres) & (later > i) & keep[i])
 
     keep = jax.lax.fori_loop(0, k, body, valid)
     # Kept boxes are already in descending score order: take the first max_det.
-    order = jnp.argsort(~keep, stable=True)[:max_det]
     n = min(max_det, k)
-    order = order[:n]
+    order = jnp.argsort(~keep, stable=True)[:n]
     out_valid = keep[order]
     pad = max_det - n
     out_boxes = jnp.where(out_valid[:, None], top_boxes[order], 0.0)
@@ -45,38 +60,53 @@ def _nms_one(boxes, scores, *, conf_thres, iou_thres, max_det, pre_nms_topk, max
         out_scores = jnp.pad(out_scores, (0, pad))
         out_cls = jnp.pad(out_cls, (0, pad))
         out_valid = jnp.pad(out_valid, (0, pad))
-    return out_boxes, out_scores, out_cls.astype(jnp.int32), out_valid
+    return out_boxes, out_scores, out_cls.astype(jnp.int32), out_valid, n_cand.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("conf_thres", "iou_thres", "max_det", "pre_nms_topk", "max_wh"))
-def batched_nms(boxes, scores, *, conf_thres=0.001, iou_thres=0.7, max_det=100, pre_nms_topk=1000, max_wh=7680.0):
+@functools.partial(jax.jit, static_argnames=("conf_thres", "iou_thres", "max_det", "pre_nms_topk", "max_wh", "multi_label", "with_count"))
+def batched_nms(boxes, scores, *, conf_thres=0.001, iou_thres=0.7, max_det=100, pre_nms_topk=1000, max_wh=7680.0,
+                multi_label=False, with_count=False):
     """Class-aware greedy NMS for a batch, with static output shapes.
 
     Args:
       boxes: ``(B, A, 4)`` xyxy boxes in pixels.
       scores: ``(B, A, nc)`` class scores in ``[0, 1]``.
-      conf_thres: a box is a candidate only if its best class score is ``> conf_thres``.
+      conf_thres: a candidate needs a score ``> conf_thres``.
       iou_thres: a candidate is suppressed by a higher-scoring kept box of the
         same class with IoU ``> iou_thres``.
       max_det: D, detections kept per image.
-      pre_nms_topk: only the top-k candidates by score enter NMS (static size).
+      pre_nms_topk: K, only the top-K candidates by score enter NMS (the
+        static size; upstream's ``max_nms`` is 30 000).  Candidates beyond K
+        are dropped, the lowest-scoring ones; ``with_count`` tells when.
       max_wh: class offset in pixels (boxes must be smaller than this).
+      multi_label: False: each anchor is one candidate, its best class
+        (upstream's predict).  True: each (anchor, class) pair with a score
+        ``> conf_thres`` is a candidate (upstream's ``multi_label=True``, what
+        ``yolo val`` runs; upstream turns it off when ``nc == 1``, where the
+        two are the same).
+      with_count: also return ``(B,) int32`` the number of candidates above
+        ``conf_thres`` per image (more than K: some were dropped).
 
-    Each anchor votes for its best class only (single-label).  Ties in score
-    keep the lower anchor index first.
+    Ties in score keep the lower anchor index first (then the lower class).
 
     Returns:
       ``boxes (B, D, 4)``, ``scores (B, D)``, ``classes (B, D) int32``,
-      ``valid (B, D) bool``; detections in descending score, padding after.
+      ``valid (B, D) bool``; detections in descending score, padding after;
+      with ``with_count``, then the candidate counts.
     """
     if boxes.ndim != 3 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must be (B, A, 4), got {tuple(boxes.shape)}")
     if scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
         raise ValueError(f"scores must be (B, A, nc) with (B, A) = {tuple(boxes.shape[:2])}, got {tuple(scores.shape)}")
+    for name, v in (("max_det", max_det), ("pre_nms_topk", pre_nms_topk)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
     fn = functools.partial(
-        _nms_one, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, pre_nms_topk=pre_nms_topk, max_wh=max_wh
+        _nms_one, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, pre_nms_topk=pre_nms_topk, max_wh=max_wh,
+        multi_label=bool(multi_label) and scores.shape[-1] > 1,
     )
-    return jax.vmap(fn)(boxes.astype(jnp.float32), scores.astype(jnp.float32))
+    *out, count = jax.vmap(fn)(boxes.astype(jnp.float32), scores.astype(jnp.float32))
+    return (*out, count) if with_count else tuple(out)
 
 
 def nms_reference(boxes, scores, *, conf_thres=0.001, iou_thres=0.7, max_det=100):

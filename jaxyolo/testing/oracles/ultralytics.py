@@ -120,8 +120,9 @@ def v8_detection_loss(preds_nhwc, targets, *, strides=(8, 16, 32), nc=80, reg_ma
     }
 
 
-def ultralytics_nms(boxes, scores, *, conf_thres, iou_thres, max_det, max_wh=7680):
-    """ultralytics 8.4.190 ``utils.nms.non_max_suppression`` (class-aware, best class per box).
+def ultralytics_nms(boxes, scores, *, conf_thres, iou_thres, max_det, max_wh=7680, multi_label=False):
+    """ultralytics 8.4.190 ``utils.nms.non_max_suppression`` (class-aware; best
+    class per box, or every class above ``conf_thres`` with ``multi_label``).
 
     Upstream runs ``torchvision.ops.nms`` when a module named ``torchvision`` is
     imported and its own ``TorchNMS.nms`` ("matches torchvision behavior
@@ -144,7 +145,8 @@ def ultralytics_nms(boxes, scores, *, conf_thres, iou_thres, max_det, max_wh=768
     pred = t.from_numpy(np.ascontiguousarray(pred))
     shim = sys.modules.pop("torchvision")
     try:
-        out = nms.non_max_suppression(pred, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, max_wh=max_wh)
+        out = nms.non_max_suppression(pred, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, max_wh=max_wh,
+                                      multi_label=multi_label)
     finally:
         sys.modules["torchvision"] = shim
     return [numpy(o) for o in out]
