@@ -22,7 +22,7 @@ from jaxyolo.testing.oracles._torch import (
     yolov9_modules,
     yolox_modules,
 )
-from jaxyolo.testing.oracles.ultralytics import make_v8_criterion, ultralytics_nms, v8_detection_loss
+from jaxyolo.testing.oracles.ultralytics import make_v8_criterion, ultralytics_nms, ultralytics_val_metrics, v8_detection_loss
 from jaxyolo.testing.oracles.yolov5 import yolov5_compute_loss
 from jaxyolo.testing.oracles.yolov9 import make_yolov9_criterion, yolov9_assign, yolov9_loss
 from jaxyolo.testing.oracles.yolox import yolox_get_assignments, yolox_get_losses
@@ -38,6 +38,7 @@ __all__ = [
     "torch",
     "ultralytics_modules",
     "ultralytics_nms",
+    "ultralytics_val_metrics",
     "v8_detection_loss",
     "versions",
     "yolov5_modules",

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxyolo.testing.oracles._torch import _import, grad_nhwc, nhwc_to_torch, numpy, tensor, torch, ultralytics_modules
 
-__all__ = ["make_v8_criterion", "ultralytics_nms", "v8_detection_loss"]
+__all__ = ["make_v8_criterion", "ultralytics_nms", "ultralytics_val_metrics", "v8_detection_loss"]
 
 
 def _fake_model(*, strides, nc, reg_max, box, cls, dfl, class_weights):
@@ -150,3 +150,62 @@ def ultralytics_nms(boxes, scores, *, conf_thres, iou_thres, max_det, max_wh=768
     finally:
         sys.modules["torchvision"] = shim
     return [numpy(o) for o in out]
+
+
+def ultralytics_val_metrics(gt_labels, detections, *, img_size, nc, save_dir):
+    """ultralytics 8.4.190 ``DetectionValidator``'s metrics of given detections.
+
+    A real ``DetectionValidator`` (plots and JSON off) is fed one image per
+    ``update_metrics`` call, in the layout its dataloader and ``postprocess``
+    give it: labels as normalised cxcywh of the S x S frame, detections as
+    frame-pixel xyxy in descending score.  Then ``get_stats``.
+
+    Args:
+      gt_labels: per image ``(n_i, 5) [class, cx, cy, w, h]`` normalised.
+      detections: per image ``(boxes (D_i, 4) xyxy px, scores (D_i,), classes (D_i,))``.
+      img_size: S.
+      nc: number of classes.
+      save_dir: a folder the validator may create.
+
+    Returns:
+      ``{"results": get_stats() dict, "mean": [P, R, mAP50, mAP50-95],
+      "classes": ap_class_index, "class_results": [(P, R, AP50, AP) per class],
+      "nt_per_class", "nt_per_image", "seen"}``.
+    """
+    t = torch()
+    val = _import("ultralytics.models.yolo.detect.val")
+    metrics = _import("ultralytics.utils.metrics")
+    v = val.DetectionValidator(save_dir=save_dir, args={"plots": False, "save_json": False, "imgsz": img_size})
+    names = {i: str(i) for i in range(nc)}
+    v.device = t.device("cpu")
+    v.names, v.nc, v.seen, v.jdict = names, nc, 0, []
+    v.is_custom_json, v.build_gdict, v.eval_ids, v.pred_counts = False, False, None, []
+    v.metrics.names = names
+    v.metrics.clear_stats()
+    v.metrics.clear_image_metrics()
+    v.confusion_matrix = metrics.ConfusionMatrix(names=names)
+    for i, (lab, (b, s, c)) in enumerate(zip(gt_labels, detections)):
+        lab = np.asarray(lab, np.float32).reshape(-1, 5)
+        batch = {
+            "img": t.zeros((1, 3, img_size, img_size)),
+            "batch_idx": t.zeros(len(lab)),
+            "cls": t.from_numpy(lab[:, :1].copy()),
+            "bboxes": t.from_numpy(lab[:, 1:].copy()),
+            "ori_shape": [(img_size, img_size)],
+            "ratio_pad": [((1.0, 1.0), (0.0, 0.0))],
+            "im_file": [f"{i}.jpg"],
+        }
+        pred = {
+            "bboxes": t.from_numpy(np.asarray(b, np.float32).reshape(-1, 4).copy()),
+            "conf": t.from_numpy(np.asarray(s, np.float32).reshape(-1).copy()),
+            "cls": t.from_numpy(np.asarray(c, np.float32).reshape(-1).copy()),
+        }
+        pred["extra"] = t.zeros((len(pred["conf"]), 0))
+        v.update_metrics([pred], batch)
+    results = v.get_stats()
+    m = v.metrics
+    return {
+        "results": results, "mean": [float(x) for x in m.mean_results()], "classes": [int(c) for c in m.ap_class_index],
+        "class_results": [tuple(float(x) for x in m.class_result(i)) for i in range(len(m.ap_class_index))],
+        "nt_per_class": m.nt_per_class, "nt_per_image": m.nt_per_image, "seen": v.seen,
+    }
