@@ -18,7 +18,7 @@ def test_train_then_eval(tmp_path, capsys, monkeypatch):
     assert main(["train", *TINY, "--out", "run"]) == 0  # relative: the messages name the absolute folder
     captured = capsys.readouterr()
     printed = captured.out
-    assert "val mAP@0.5 = " in printed and "mAP@0.5:0.95 = " in printed
+    assert "val mAP50 " in printed and "mAP50-95 " in printed and "(yolo val)   COCO mAP@0.5 " in printed
     assert printed.startswith(f"jaxyolo train: {out}  (model=pico, ")
     tb = ", tb/" if (out / "tb").is_dir() else ""  # with tensorboardX installed
     assert printed.splitlines()[-1] == f"run folder: {out}  (checkpoints/, config.json, final.json, metrics.csv, results.png, steps.csv{tb})"
@@ -31,15 +31,19 @@ def test_train_then_eval(tmp_path, capsys, monkeypatch):
     final = json.loads((out / "final.json").read_text())
     assert 0.0 <= final["map50"] <= 1.0 and final["steps"] == 4
     header, row = (out / "metrics.csv").read_text().splitlines()
-    assert header.startswith("epoch,step,loss,box,cls,dfl,lr,grad_norm,boxes_cut,map50,map50_95")
+    assert header == "epoch,step,loss,box,cls,dfl,lr,grad_norm,boxes_cut,map50,map50_95,precision,recall,coco_map50,coco_map50_95,epoch_s"
     assert row.startswith("1,4,")
     assert (out / "checkpoints" / "4").is_dir()
 
     assert main(["eval", "--checkpoint", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"{out} (step 4, 64 px): val mAP@0.5 = {final['map50']:.4f}" in printed  # eval reproduces the training's final numbers
+    assert f"{out} (step 4, 64 px): val mAP50 {final['map50']:.4f}" in printed  # eval reproduces the training's final numbers
+    table = printed.splitlines()
+    head = table.index(next(x for x in table if x.split()[:3] == ["Class", "Images", "Instances"]))
+    assert table[head + 1].split()[:3] == ["all", "8", str(final["instances"])]  # yolo val's table: all, then each class
+    assert final["coco_map50"] is not None and final["per_class"] and len(table[head + 2].split()) == 7
     assert main(["eval", "--checkpoint", str(out), "--img-size", "128"]) == 0  # the val images letterboxed to 128 px
-    assert f"{out} (step 4, 128 px): val mAP@0.5 = " in capsys.readouterr().out
+    assert f"{out} (step 4, 128 px): val mAP50 " in capsys.readouterr().out
 
     with pytest.raises(SystemExit, match="already holds a run"):
         main(["train", *TINY, "--out", str(out)])
@@ -113,7 +117,7 @@ def test_train_eval_predict_on_each_layout(tmp_path, capsys):
         assert main(["train", *data, *_tiny(out)]) == 0, name
         printed = capsys.readouterr().out
         assert printed.splitlines()[0].startswith(f"jaxyolo train: {out}") and f"  data: {said[name]}" in printed.splitlines()[0], printed[:400]
-        assert "val mAP@0.5 = " in printed and f"run folder: {out}" in printed, name
+        assert "val mAP50 " in printed and f"run folder: {out}" in printed, name
         final = json.loads((out / "final.json").read_text())
         assert final["steps"] >= 1 and 0.0 <= final["map50"] <= 1.0
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["train-64.meta.npz", "train-64.npy", "val-64.meta.npz", "val-64.npy"]
@@ -121,7 +125,7 @@ def test_train_eval_predict_on_each_layout(tmp_path, capsys):
     assert meta_names["data"] == str(coco)
     # eval on another dataset's val split (same classes: the COCO json).
     assert main(["eval", "--checkpoint", str(tmp_path / "run-coco"), "--data", str(val_json), "--images", str(coco / "val2017")]) == 0
-    assert "val mAP@0.5 = " in capsys.readouterr().out
+    assert "val mAP50 " in capsys.readouterr().out
     # ...and one with other classes is refused.
     with pytest.raises(SystemExit, match="error: the checkpoint's 3 classes .*differ"):
         main(["eval", "--checkpoint", str(tmp_path / "run-coco"), "--data", str(yaml_path)])

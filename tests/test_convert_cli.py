@@ -113,7 +113,10 @@ def _record_eval(monkeypatch, *, run: bool):
 
     def spy(predict, params, stats, data, **kw):
         seen.append((data.images.shape, data.content_rects.tolist()))
-        return real(predict, params, stats, data, **kw) if run else {"map50": 0.0, "map50_95": 0.0}
+        if run:
+            return real(predict, params, stats, data, **kw)
+        zero = {"map50": 0.0, "map50_95": 0.0, "precision": 0.0, "recall": 0.0, "coco_map50": 0.0, "coco_map50_95": 0.0}
+        return {**zero, "images": len(data.labels), "instances": 0, "per_class": [], "nms_overflow": 0}
 
     monkeypatch.setattr(loop, "evaluate_model", spy)
     return seen
@@ -124,13 +127,15 @@ def test_eval_converted_weights_at_img_size(grid, capsys, monkeypatch):
     images letterboxed to S, the model run at S, the size printed; 640 by default."""
     pt, root = grid
     seen = _record_eval(monkeypatch, run=True)
-    for size, map50 in ((64, "1.0000"), (128, "0.0000")):
+    # 64 px: every box found (yolo val's perfect AP is 0.995, pycocotools' 1.0); 128 px: none
+    for size, map50, coco in ((64, "0.9950", "1.0000"), (128, "0.0000", "0.0000")):
         assert main(["eval", "--checkpoint", str(pt), "--data", str(root / "data.yaml"), "--img-size", str(size)]) == 0
-        assert f"{pt} (converted weights, {size} px): val mAP@0.5 = {map50}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"{pt} (converted weights, {size} px): val mAP50 {map50}" in out and f"(yolo val)   COCO mAP@0.5 {coco}" in out
         assert seen[-1] == ((2, size, size, 3), [[0, 0, size, size]] * 2)
     seen = _record_eval(monkeypatch, run=False)
     assert main(["eval", "--checkpoint", str(pt), "--data", str(root / "wide.yaml")]) == 0  # upstream's default size
-    assert f"{pt} (converted weights, 640 px): val mAP@0.5 = 0.0000" in capsys.readouterr().out
+    assert f"{pt} (converted weights, 640 px): val mAP50 0.0000" in capsys.readouterr().out
     assert seen[-1] == ((1, 640, 640, 3), [[160, 0, 320, 640]])  # the 64 x 32 image scaled by 10, centred
 
 
@@ -157,7 +162,7 @@ def test_eval_converted_weights_class_names(grid, tmp_path, capsys, monkeypatch)
     model.class_names = None
     nameless = save_weights(model, tmp_path / "nameless")
     assert main(["eval", "--checkpoint", str(nameless), "--data", data("x, y, z")]) == 0
-    assert f"{nameless} (converted weights, 640 px): val mAP@0.5 = " in capsys.readouterr().out
+    assert f"{nameless} (converted weights, 640 px): val mAP50 " in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"^error: the checkpoint's 3 classes \('0', '1', '2'\) differ from the dataset's 2"):
         main(["eval", "--checkpoint", str(nameless), "--data", data("x, y")])
 
@@ -274,15 +279,15 @@ def test_convert_train_eval_predict_end_to_end(checkpoints, tmp_path, capsys):
 
     n_tensors = len(nnx.to_flat_state(nnx.state(load_weights(w))))  # parameters + BatchNorm statistics
     assert f"weights: {n_tensors}/{n_tensors} tensors from {w}" in out
-    assert "val mAP@0.5 = " in out
+    assert "val mAP50 " in out
     assert main(["eval", "--checkpoint", str(run)]) == 0
-    assert "val mAP@0.5 = " in capsys.readouterr().out
+    assert "val mAP50 " in capsys.readouterr().out
     img = next((tmp_path / "d3" / "images" / "val").iterdir())
     assert main(["predict", str(img), "--checkpoint", str(run), "--out", str(tmp_path / "p"), "--conf", "0.001", "--save-txt"]) == 0
     assert (tmp_path / "p" / img.name).is_file() and (tmp_path / "p" / "labels" / f"{img.stem}.txt").is_file()
     # The converted weights themselves: evaluated on a dataset, run on an image.
     assert main(["eval", "--checkpoint", str(w), "--data", str(yaml3)]) == 0
-    assert f"{w} (converted weights, 640 px): val mAP@0.5 = " in capsys.readouterr().out
+    assert f"{w} (converted weights, 640 px): val mAP50 " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="converted weights, not a run"):
         main(["eval", "--checkpoint", str(w)])
     assert main(["predict", str(img), "--checkpoint", str(w), "--out", str(tmp_path / "pw"), "--img-size", "64"]) == 0

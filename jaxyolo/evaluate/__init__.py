@@ -1,7 +1,8 @@
-"""Evaluation: static-shape batched NMS (JAX), COCO mAP (pycocotools), mAP of a model over a dataset."""
+"""Evaluation: static-shape batched NMS (JAX), ``yolo val``'s mAP and COCO mAP (pycocotools), mAP of a model over a dataset."""
 
 from jaxyolo.evaluate.coco import coco_map
-from jaxyolo.evaluate.model import evaluate_model
+from jaxyolo.evaluate.model import EVAL_PRE_NMS_TOPK, eval_max_det, evaluate_model
 from jaxyolo.evaluate.nms import batched_nms, nms_reference
+from jaxyolo.evaluate.yolo_val import format_val_table, yolo_val_metrics
 
-__all__ = ["batched_nms", "coco_map", "evaluate_model", "nms_reference"]
+__all__ = ["EVAL_PRE_NMS_TOPK", "batched_nms", "coco_map", "eval_max_det", "evaluate_model", "format_val_table", "nms_reference", "yolo_val_metrics"]

@@ -75,7 +75,9 @@ class TrainConfig:
         bfloat16; parameters, optimiser state, EMA and BatchNorm statistics
         in float32, and the losses computed in float32.
       seed: model init and data order.
-      conf_thres, iou_thres, max_det: evaluation NMS.
+      conf_thres, iou_thres, max_det: the evaluation NMS, ``yolo val``'s
+        (multi-label; ``max_det`` raised to the most labels in one val image,
+        as ultralytics raises its default 300).
       eval_every: evaluate mAP every this many epochs (and always at the end).
       max_steps: stop (with a checkpoint) after this many global steps; for
         interrupted runs and tests.  None: run all epochs.
@@ -122,7 +124,7 @@ class TrainConfig:
     seed: int = 0
     conf_thres: float = 0.001
     iou_thres: float = 0.7
-    max_det: int = 100
+    max_det: int = 300
     eval_every: int = 2
     max_steps: int | None = None
 

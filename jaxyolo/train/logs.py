@@ -71,7 +71,7 @@ class RunLogs:
         self.names = list(names)
         resume = done_step is not None
         self.steps = Csv(out_dir / "steps.csv", ["step", "epoch", "steps", *self.names], keep=(lambda r: int(r["step"]) <= done_step) if resume else None, enabled=enabled)
-        epoch_fields = ["epoch", "step", *self.names, "map50", "map50_95", "epoch_s"]
+        epoch_fields = ["epoch", "step", *self.names, "map50", "map50_95", "precision", "recall", "coco_map50", "coco_map50_95", "epoch_s"]
         self.epoch_fields = epoch_fields
         self.metrics = Csv(out_dir / "metrics.csv", epoch_fields, keep=(lambda r: int(r["epoch"]) <= done_epoch) if resume else None, enabled=enabled)
         self.tb = _tensorboard(out_dir) if enabled else None
@@ -89,6 +89,8 @@ class RunLogs:
         if self.tb is not None and row.get("map50") is not None:
             self.tb.add_scalar("val/map50", row["map50"], row["epoch"])
             self.tb.add_scalar("val/map50_95", row["map50_95"], row["epoch"])
+            self.tb.add_scalar("val/coco_map50", row["coco_map50"], row["epoch"])
+            self.tb.add_scalar("val/coco_map50_95", row["coco_map50_95"], row["epoch"])
 
     def close(self):
         if self.tb is not None:
@@ -210,8 +212,10 @@ def plot_results(out_dir: Path, loss_names):
     a1.set_yscale("log")
     a1.legend()
     ev = [r for r in epochs if r.get("map50")]
-    a2.plot([int(r["epoch"]) for r in ev], [float(r["map50"]) for r in ev], "o-", label="mAP@0.5")
-    a2.plot([int(r["epoch"]) for r in ev], [float(r["map50_95"]) for r in ev], "s-", label="mAP@0.5:0.95")
+    a2.plot([int(r["epoch"]) for r in ev], [float(r["map50"]) for r in ev], "o-", label="mAP50 (yolo val)")
+    a2.plot([int(r["epoch"]) for r in ev], [float(r["map50_95"]) for r in ev], "s-", label="mAP50-95 (yolo val)")
+    if any(r.get("coco_map50") for r in ev):
+        a2.plot([int(r["epoch"]) for r in ev if r.get("coco_map50")], [float(r["coco_map50"]) for r in ev if r.get("coco_map50")], "o--", label="COCO mAP@0.5")
     a2.set_xlabel("epoch")
     a2.set_ylim(0, 1)
     a2.legend()

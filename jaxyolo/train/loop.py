@@ -41,7 +41,7 @@ from jaxyolo.data.formats import discover
 from jaxyolo.data.images import load_split
 from jaxyolo.data.pipeline import Prefetcher, TrainBatches
 from jaxyolo.data.stream import CACHES, DecodePool, choose_cache, default_cache_dir, default_workers, open_split
-from jaxyolo.evaluate import evaluate_model
+from jaxyolo.evaluate import eval_max_det, evaluate_model, format_val_table
 from jaxyolo.train import checkpoint as ckpt
 from jaxyolo.train.config import TrainConfig
 from jaxyolo.train.logs import Progress, RunLogs, plot_results
@@ -96,13 +96,21 @@ def _report_failures(data, log):
 
 def _evaluate(session: Session, val_data, *, batch_size=None, log=None):
     m = session.config.max_boxes or default_max_boxes(val_data)  # None: converted weights, no run's M
+    d = eval_max_det(session.config.max_det, val_data)
     res = evaluate_model(
-        session.predict, session.ema["params"], session.ema["stats"], val_data,
-        batch_size=batch_size or session.config.batch, max_boxes=m, sharding=session.batch_sharding,
+        lambda p, s, im: session.predict(p, s, im, d), session.ema["params"], session.ema["stats"], val_data,
+        batch_size=batch_size or session.config.batch, max_boxes=m, sharding=session.batch_sharding, warn=log,
     )
     if log is not None:
         _report_failures(val_data, log)
     return res
+
+
+def map_line(ev: dict) -> str:
+    """``mAP50 0.8731  mAP50-95 0.6580 (yolo val)  COCO mAP@0.5 0.8223  mAP@0.5:0.95 0.6290``:
+    the headline (``yolo val``'s metric) and pycocotools' on the same detections."""
+    return (f"mAP50 {ev['map50']:.4f}  mAP50-95 {ev['map50_95']:.4f} (yolo val)   "
+            f"COCO mAP@0.5 {ev['coco_map50']:.4f}  mAP@0.5:0.95 {ev['coco_map50_95']:.4f}")
 
 
 def _print(msg: str):
@@ -166,7 +174,9 @@ def train(
         (the CLI's ``jaxyolo train: ...``); None: no such line.
 
     Returns:
-      dict with ``map50``, ``map50_95`` (final, EMA model, val split; None
+      dict with the final evaluation of :func:`jaxyolo.evaluate.evaluate_model`
+      (``map50``, ``map50_95`` as ``yolo val``, ``coco_map50``, ``coco_map50_95``
+      by pycocotools, ...; EMA model, val split; ``map50`` and ``map50_95`` None
       when stopped early by ``max_steps``), ``steps`` (global steps done),
       ``losses`` (the per-step ``loss`` of every step this call ran),
       ``log_times`` (``(step, seconds since the call began)`` at each log
@@ -254,7 +264,7 @@ def train(
         if meta is not None and epoch >= config.epochs:
             log(f"{where}: the run is complete ({config.epochs} epochs, {done} steps); re-evaluating its EMA model")
             ev = _evaluate(session, val_data, log=log)
-            log(f"val mAP@0.5 = {ev['map50']:.4f}   mAP@0.5:0.95 = {ev['map50_95']:.4f}   ({done} steps)")
+            log(f"val {map_line(ev)}   ({done} steps)")
             return result(ev, [], [])
         if config.max_steps is not None and done >= config.max_steps:
             log(f"{where}: already at step {done} >= max_steps={config.max_steps}; nothing to train")
@@ -312,7 +322,7 @@ def train(
                     last_eval = _evaluate(session, val_data, log=say)
                     erow.update(last_eval)
                     if progress and primary:
-                        log(f"epoch {epoch}: val mAP@0.5 {last_eval['map50']:.4f}  mAP@0.5:0.95 {last_eval['map50_95']:.4f}")
+                        log(f"epoch {epoch}: val {map_line(last_eval)}")
                 history.append({k2: erow.get(k2) for k2 in logs.epoch_fields})
                 logs.epoch_row(erow)
                 writer.save(done, state, ema, meta_now(epoch, 0))
@@ -337,7 +347,7 @@ def train(
                 log(f"warning: could not write results.png: {e}")
             mngr.wait_until_finished()  # final.json only after the last checkpoint is on disk
             ckpt.write_json(out_dir / "final.json", {**last_eval, "steps": done, "seconds": secs})
-        log(f"val mAP@0.5 = {last_eval['map50']:.4f}   mAP@0.5:0.95 = {last_eval['map50_95']:.4f}   ({done} steps, {secs:.0f} s)")
+        log(f"val {map_line(last_eval)}   ({done} steps, {secs:.0f} s)")
         # Process 0 wrote the folder; another host may not see it (a local --out).
         log(f"run folder: {where}" + (f"  ({_contents(out_dir)})" if primary else ""))
         return result(last_eval, losses, log_times)
@@ -440,8 +450,9 @@ def evaluate_checkpoint(
     ``workers`` processes, :func:`jaxyolo.data.stream.default_workers` by
     default), never held in RAM whole.
 
-    Logs ``<path> (step N | converted weights, S px): val mAP@0.5 = ...``.
-    Returns ``{"map50", "map50_95"}``."""
+    Logs ``yolo val``'s table (all classes, then each class) and ``<path>
+    (step N | converted weights, S px): val mAP50 ... (yolo val)   COCO ...``.
+    Returns the dict of :func:`jaxyolo.evaluate.evaluate_model`."""
     config, meta, build = _open(path, img_size=img_size)
     mesh = parallel.make_mesh(devices)
     if batch_size is not None:
@@ -464,5 +475,6 @@ def evaluate_checkpoint(
         check_classes(meta["names"], val_data.names, has_names=meta["has_names"])  # before the model is built
         res = _evaluate(build(mesh), val_data, batch_size=batch_size, log=log)
     what = "converted weights" if meta.get("converted") else f"step {meta['step']}"
-    log(f"{path} ({what}, {val_data.img_size} px): val mAP@0.5 = {res['map50']:.4f}   mAP@0.5:0.95 = {res['map50_95']:.4f}")
+    log(format_val_table(res, names=val_data.names))
+    log(f"{path} ({what}, {val_data.img_size} px): val {map_line(res)}")
     return res

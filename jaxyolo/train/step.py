@@ -23,7 +23,7 @@ from flax import nnx
 
 import jaxyolo
 from jaxyolo.data.augment import augment
-from jaxyolo.evaluate import batched_nms
+from jaxyolo.evaluate import EVAL_PRE_NMS_TOPK, batched_nms
 from jaxyolo.models import build_detector, build_model, load_weights, transfer_weights
 from jaxyolo.targets import Targets
 from jaxyolo import parallel
@@ -165,7 +165,10 @@ class Session:
     (B, K, M)``, ``mask (B, K, M)`` with K = 4 in mosaic epochs, else 1 (one
     compile each).  The augmentations run first, drawn on the device from
     ``(config.seed, step)``.  ``acc["last"]`` holds the step's logged values.
-    ``predict(params, stats, images uint8) -> batched_nms outputs``.
+    ``predict(params, stats, images uint8, max_det) -> batched_nms outputs``
+    (multi-label, with the candidate counts, as
+    :func:`jaxyolo.evaluate.evaluate_model` takes them; ``max_det`` a static
+    positional int, None: the config's).
     """
 
     def __init__(self, config: TrainConfig, *, nc: int, steps_per_epoch: int, mesh=None, log_every: int = 1, log=None):
@@ -210,7 +213,8 @@ class Session:
             opts = compiler_options(self.mesh.devices.flat[0].platform)
             train_step = jax.jit(self._train_step, in_shardings=(rep, rep, rep, bsh), out_shardings=(rep, rep, rep), donate_argnums=(0, 1, 2),
                                  compiler_options=opts)
-            predict = jax.jit(self._predict, in_shardings=(rep, rep, bsh), out_shardings=bsh, compiler_options=opts)
+            predict = jax.jit(self._predict, in_shardings=(rep, rep, bsh), out_shardings=bsh, static_argnums=(3,),
+                              compiler_options=opts)
             compiled = _COMPILED[key] = (graph_train, graph_eval, train_step, predict)
         self.graph_train, self.graph_eval, self.train_step, self.predict = compiled
 
@@ -258,6 +262,8 @@ class Session:
         model = nnx.merge(self.graph_eval, _cast_floats(params, self.dtype), stats)
         return self.decode([p.astype(jnp.float32) for p in model(_to_float_images(images, self.dtype))])
 
-    def _predict(self, params, stats, images):
+    def _predict(self, params, stats, images, max_det):
+        # The evaluation NMS of ``yolo val``: multi-label, conf/IoU/max_det of the config.
         c = self.config
-        return batched_nms(*self.decode_images(params, stats, images), conf_thres=c.conf_thres, iou_thres=c.iou_thres, max_det=c.max_det)
+        return batched_nms(*self.decode_images(params, stats, images), conf_thres=c.conf_thres, iou_thres=c.iou_thres,
+                           max_det=max_det or c.max_det, multi_label=True, pre_nms_topk=EVAL_PRE_NMS_TOPK, with_count=True)
