@@ -96,3 +96,45 @@ def test_perfect_and_empty():
     assert table.splitlines()[1].split()[:3] == ["all", "2", "2"] and table.splitlines()[2].split()[0] == "circle"
     with pytest.raises(ValueError, match="detections"):
         yolo_val_metrics(labels, dets[:1], img_size=S, nc=2)
+
+
+def test_evaluate_model_both_metrics_and_overflow_warning():
+    """``evaluate_model`` scores the predict's detections both ways (here: the labels themselves,
+    class 1 also given as a second label of each box, as multi-label NMS can), leaves padding
+    rows out, and warns when an image had more NMS candidates than the NMS takes."""
+    import jax.numpy as jnp
+
+    from jaxyolo import parallel
+    from jaxyolo.data import DetectionData
+    from jaxyolo.evaluate import EVAL_PRE_NMS_TOPK, eval_max_det, evaluate_model
+
+    labels = (np.float32([[0, 0.3, 0.3, 0.2, 0.2], [1, 0.7, 0.6, 0.3, 0.4]]), np.zeros((0, 5), np.float32),
+              np.float32([[2, 0.5, 0.5, 0.5, 0.5]]))
+    data = DetectionData(np.zeros((3, S, S, 3), np.uint8), labels, ("a", "b", "c"))
+    assert eval_max_det(300, data) == 300 and eval_max_det(1, data) == 2
+    d = 4
+    table = np.zeros((3, d, 4), np.float32)
+    scores, classes, valid = np.zeros((3, d), np.float32), np.zeros((3, d), np.int32), np.zeros((3, d), bool)
+    for i, lab in enumerate(labels):
+        for j, (c, cx, cy, w, h) in enumerate(lab):
+            table[i, j] = np.float32([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]) * S
+            scores[i, j], classes[i, j], valid[i, j] = 0.9 - 0.1 * j, c, True
+    table[0, 2], scores[0, 2], classes[0, 2], valid[0, 2] = table[0, 0], 0.5, 1, True  # box 0 again, as class 1
+    counts = np.int32([5, 0, EVAL_PRE_NMS_TOPK + 7])
+    batch = 2
+    mesh = parallel.make_mesh(1)
+
+    def predict(params, stats, images):  # the detections of the batch's images, by call count
+        rows = np.arange(predict.calls * batch, (predict.calls + 1) * batch) % 3  # the last batch padded
+        predict.calls += 1
+        return tuple(jnp.asarray(x[rows]) for x in (table, scores, classes, valid, counts))
+
+    predict.calls = 0
+    warned = []
+    res = evaluate_model(predict, None, None, data, batch_size=batch, max_boxes=4, sharding=parallel.batch_sharding(mesh), warn=warned.append)
+    assert predict.calls == 2 and res["nms_overflow"] == 1 and len(warned) == 1
+    assert f"1 image had more than {EVAL_PRE_NMS_TOPK}" in warned[0] and f"up to {EVAL_PRE_NMS_TOPK + 7}" in warned[0]
+    ref = yolo_val_metrics(list(labels), [(table[i][valid[i]], scores[i][valid[i]], classes[i][valid[i]]) for i in range(3)], img_size=S, nc=3)
+    assert res["map50"] == ref["map50"] and res["map50_95"] == ref["map50_95"] and res["per_class"] == ref["per_class"]
+    # The extra class-1 box ranks below every true one: no AP drops (yolo val's perfect AP is 0.995).
+    assert res["coco_map50"] == pytest.approx(1.0) and res["map50"] == pytest.approx(0.995) and res["precision"] < 1.0
