@@ -200,10 +200,11 @@ def yolo_val_metrics(gt_labels, detections, *, img_size: int, nc: int) -> dict:
          "recall": float(res["r"][i]), "map50": float(ap[i, 0]), "map50_95": float(ap[i].mean())}
         for i, c in enumerate(res["classes"])
     ]
-    mean = (lambda v: float(v.mean()) if len(v) else 0.0)
+    def mean(v):  # upstream's Metric properties: 0.0 without classes
+        return float(v.mean()) if v.size else 0.0
+
     return {
-        "map50": mean(ap[:, 0]) if len(ap) else 0.0, "map50_95": mean(ap) if len(ap) else 0.0,
-        "precision": mean(res["p"]), "recall": mean(res["r"]),
+        "map50": mean(ap[:, 0]), "map50_95": mean(ap), "precision": mean(res["p"]), "recall": mean(res["r"]),
         "images": len(gt_labels), "instances": int(nt_class.sum()), "per_class": per_class,
     }
 
