@@ -386,3 +386,72 @@ def test_optimizer_steps_match_torch(oracles, optimizer):
             warm_lrs.append(ref["lr"])
     warm_lrs = np.array(warm_lrs)
     assert warm_lrs[1, 2] > 0.05 > warm_lrs[1, 0] > 0  # the bias group's LR falls from 0.1, the others rise from 0
+
+
+# ---------------------------------------------------------- the recipe as data
+
+
+def test_recipe_values_are_upstream_defaults(oracles):
+    """``TrainConfig.from_recipe("ultralytics")`` holds ultralytics' own
+    defaults (cfg/default.yaml through ``get_cfg``) and round-trips through
+    JSON; ``from_recipe("jaxyolo")`` is ``TrainConfig()``."""
+    from ultralytics.cfg import get_cfg
+
+    up = get_cfg()
+    c = TrainConfig.from_recipe("ultralytics")
+    for ours, theirs in (("optimizer", "optimizer"), ("lr0", "lr0"), ("lrf", "lrf"), ("momentum", "momentum"), ("weight_decay", "weight_decay"),
+                         ("warmup_epochs", "warmup_epochs"), ("warmup_momentum", "warmup_momentum"), ("warmup_bias_lr", "warmup_bias_lr"),
+                         ("nbs", "nbs"), ("close_mosaic", "close_mosaic")):
+        assert getattr(c, ours) == getattr(up, theirs), ours
+    assert (c.schedule == "cosine") == up.cos_lr
+    for k in ("mosaic", "translate", "scale", "degrees", "shear", "perspective", "hsv_h", "hsv_s", "hsv_v", "flipud", "fliplr"):
+        assert getattr(c, k) == getattr(up, k), k
+    assert (c.grad_clip, c.ema_decay, c.ema_tau) == (10.0, 0.9999, 2000.0)  # optimizer_step's max_norm, ModelEMA's defaults
+    assert TrainConfig.from_json(c.to_json()) == c
+    assert TrainConfig.from_recipe("jaxyolo") == TrainConfig() and TrainConfig().recipe == "jaxyolo"
+    assert TrainConfig.from_recipe("ultralytics", lr0=0.02, optimizer="sgd").lr0 == 0.02
+
+
+def test_recipe_validation_names_the_field():
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        TrainConfig.from_recipe("yolov5")
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        TrainConfig(recipe="darknet")
+    with pytest.raises(ValueError, match="optimizer='auto' is ultralytics' rule"):
+        TrainConfig(optimizer="auto")
+    with pytest.raises(ValueError, match="loss='yolox' does not fit recipe='ultralytics'"):
+        TrainConfig.from_recipe("ultralytics", loss="yolox")
+    with pytest.raises(ValueError, match="warmup_momentum must be a number in"):
+        TrainConfig.from_recipe("ultralytics", warmup_momentum=1.5)
+    with pytest.raises(ValueError, match="warmup_bias_lr must be a number >= 0"):
+        TrainConfig.from_recipe("ultralytics", warmup_bias_lr=-0.1)
+    with pytest.raises(ValueError, match="grad_clip: recipe='ultralytics' clips"):
+        TrainConfig.from_recipe("ultralytics", grad_clip=None)
+
+
+def test_auto_rule_and_accumulation_as_upstream(oracles):
+    """``optimizer=auto``, ``accumulate`` and the scaled decay against
+    upstream's own ``_build_train_pipeline`` + ``build_optimizer`` on a tiny
+    module, over batch sizes and dataset sizes on both sides of the 10 000
+    iteration threshold (MuSGD: a ValueError naming it)."""
+    torch = oracles.torch()
+    from jaxyolo.train.optim import ultralytics_auto_optimizer
+
+    for nc, n_images, batch, epochs in ((6, 640, 16, 100), (80, 6400, 24, 100), (1, 100, 128, 3), (3, 64000, 32, 10)):  # 10 000 iterations: still AdamW
+        cfg = TrainConfig.from_recipe("ultralytics", batch=batch, epochs=epochs)
+        tr = upstream_trainer(_tiny_torch_model(torch), cfg, nc=nc, n_images=n_images)
+        plan = UltralyticsPlan.from_config(cfg, nc=nc, steps_per_epoch=math.ceil(n_images / batch), n_images=n_images)
+        groups = {g["param_group"]: g for g in tr.optimizer.param_groups}
+        assert plan.accumulate == tr.accumulate, (batch, plan.accumulate, tr.accumulate)
+        assert plan.weight_decay == groups["weight"]["weight_decay"] and groups["bn"]["weight_decay"] == groups["bias"]["weight_decay"] == 0
+        assert (plan.lr0, plan.momentum, plan.warmup_bias_lr) == (groups["weight"]["lr"], groups["weight"]["betas"][0], tr.args.warmup_bias_lr)
+        assert type(tr.optimizer).__name__ == "AdamW" and plan.optimizer == "adamw"
+    # beyond 10 000 iterations upstream builds MuSGD; jaxyolo refuses, naming it
+    cfg = TrainConfig.from_recipe("ultralytics", batch=16, epochs=100)
+    holder = torch.nn.Module()
+    holder.model = _tiny_torch_model(torch)  # MuSGD looks for the head at model.model[-1]
+    tr = upstream_trainer(holder, cfg, nc=80, n_images=118287)
+    assert type(tr.optimizer).__name__ == "MuSGD"
+    with pytest.raises(ValueError, match=r"picks MuSGD for 184900 > 10000 iterations .*pass optimizer 'sgd' or 'adamw'"):
+        UltralyticsPlan.from_config(cfg, nc=80, steps_per_epoch=7393, n_images=118287)
+    assert ultralytics_auto_optimizer(nc=80, n_images=6400, batch=16, epochs=100) == ("adamw", 0.000119, 0.9)
