@@ -455,3 +455,26 @@ def test_auto_rule_and_accumulation_as_upstream(oracles):
     with pytest.raises(ValueError, match=r"picks MuSGD for 184900 > 10000 iterations .*pass optimizer 'sgd' or 'adamw'"):
         UltralyticsPlan.from_config(cfg, nc=80, steps_per_epoch=7393, n_images=118287)
     assert ultralytics_auto_optimizer(nc=80, n_images=6400, batch=16, epochs=100) == ("adamw", 0.000119, 0.9)
+
+
+@pytest.mark.slow
+def test_ultralytics_recipe_resumes_exactly(tmp_path):
+    """The recipe's extra state (the gradient sum, the last optimizer step's
+    iteration, the EMA's update count) is checkpointed: stopped after
+    iteration 3 (its gradients summed, not yet stepped: nbs 8 / batch 4,
+    warmup accumulate 1, 1, 2, 2, 2 ...: steps at iterations 1, 2, 4, 6) and
+    resumed, the next losses across the epoch boundary are the uninterrupted
+    run's, bit for bit."""
+    import dataclasses
+
+    from jaxyolo.train import train
+
+    cfg = TrainConfig.from_recipe("ultralytics", img_size=64, batch=4, nbs=8, epochs=2, train_size=16, val_size=8, max_boxes=8, max_steps=6)
+    q = dict(progress=False, log=lambda *_: None, log_every=1)
+    full = train(cfg, tmp_path / "full", **q)
+    part = train(dataclasses.replace(cfg, max_steps=3), tmp_path / "part", **q)
+    rest = train(cfg, tmp_path / "part", resume=True, **q)
+    assert full["steps"] == rest["steps"] == 6 and part["steps"] == 3
+    np.testing.assert_array_equal(part["losses"] + rest["losses"], full["losses"])
+    # a lost gradient sum (or step count) changes the step at iteration 4, and so the losses after it
+    assert len(set(full["losses"][3:])) == 3
