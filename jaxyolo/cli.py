@@ -1,6 +1,6 @@
 """``jaxyolo train | eval | predict``: the command line.
 
-    jaxyolo train [--loss yolov8|yolov5|yolox] [--data embedded|data.yaml|COCO|DIR] [--epochs N]
+    jaxyolo train [--recipe jaxyolo|ultralytics] [--loss yolov8|yolov5|yolox] [--data embedded|data.yaml|COCO|DIR] [--epochs N]
                   [--img-size S] [--batch B] [--out DIR] [--resume] [--cache auto|ram|disk|none] [--workers N]
                   [augmentation flags] ...
     jaxyolo eval --checkpoint RUN|WEIGHTS [--data ...] [--img-size S]
@@ -42,6 +42,7 @@ def _defaults():
 
 def build_parser() -> argparse.ArgumentParser:
     from jaxyolo.data.stream import CACHES
+    from jaxyolo.train.config import RECIPES
 
     d = _defaults()
     p = argparse.ArgumentParser(prog="jaxyolo", description="Train, evaluate and run YOLO detectors in JAX/Flax NNX.")
@@ -59,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=d.batch, help="global batch size (split over the devices)")
     t.add_argument("--out", default=None, help="run folder (default: runs/<loss>, then runs/<loss>-2, ...; with --resume the latest runs/<loss>*)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved config")
-    t.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer, help="AdamW, or SGD with Nesterov momentum 0.937")
-    t.add_argument("--lr0", type=float, default=d.lr0, help="peak learning rate (after the warmup, then cosine decay to 1%%)")
+    t.add_argument("--recipe", choices=RECIPES, default=d.recipe, help="jaxyolo: this trainer's short-run recipe (AdamW 3e-3, cosine, EMA tau = steps / 5); ultralytics: ultralytics' trainer step for step (optimizer auto, parameter groups, warmup per iteration, accumulation to nbs 64, LambdaLR per epoch, EMA tau 2000, close-mosaic 10; see the README)")
+    t.add_argument("--optimizer", choices=("sgd", "adamw", "auto"), default=None, help="AdamW, or SGD with Nesterov momentum 0.937; auto (--recipe ultralytics): upstream's rule (default: the recipe's, adamw | auto)")
+    t.add_argument("--lr0", type=float, default=None, help="peak learning rate (default: the recipe's, 0.003 | 0.01; optimizer auto picks its own)")
     t.add_argument("--train-size", type=int, default=d.train_size, help="embedded training images")
     t.add_argument("--val-size", type=int, default=d.val_size, help="embedded validation images")
     t.add_argument("--max-boxes", type=int, default=d.max_boxes, help="boxes per image the loss sees (static shape); more are cut and counted (boxes_cut). Default: the most objects in one training image, rounded up to a multiple of 8, at least 32")
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar (on a terminal), nor its one line per --log-every steps (in a file or a pipe)")
     a = t.add_argument_group("augmentation (ultralytics' default strengths; 0 turns one off)")
     a.add_argument("--mosaic", type=float, default=d.mosaic, help="probability of a 4-image mosaic")
-    a.add_argument("--close-mosaic", type=int, default=d.close_mosaic, help="no mosaic in the last N epochs")
+    a.add_argument("--close-mosaic", type=int, default=None, help="no mosaic in the last N epochs (default: the recipe's, 4 | 10)")
     a.add_argument("--mosaic-buffer", type=int, default=d.mosaic_buffer, help="0: a mosaic's 3 other images come from the whole dataset; N: from the last N batches' samples (as ultralytics' buffer; ~1 decode per sample when streaming, e.g. 8)")
     for name, help_ in (("degrees", "rotation +- degrees"), ("translate", "translation +- fraction of the side"), ("scale", "scale gain 1 +- scale"),
                         ("shear", "shear +- degrees"), ("perspective", "perspective +- this"), ("hsv-h", "hue gain"), ("hsv-s", "saturation gain"),
@@ -163,13 +165,15 @@ def _train(args) -> int:
             model = load_weights(args.weights).name
         except (*_USER_ERRORS, OSError) as e:
             raise SystemExit(f"error: --weights: {e}") from None
-    aug = {k: getattr(args, k) for k in ("mosaic", "mosaic_buffer", "close_mosaic", "degrees", "translate", "scale", "shear", "perspective", "hsv_h", "hsv_s", "hsv_v", "flipud", "fliplr")}
+    aug = {k: getattr(args, k) for k in ("mosaic", "mosaic_buffer", "degrees", "translate", "scale", "shear", "perspective", "hsv_h", "hsv_s", "hsv_v", "flipud", "fliplr")}
+    # given on the command line, else the recipe's
+    recipe_fields = {k: getattr(args, k) for k in ("optimizer", "lr0", "close_mosaic") if getattr(args, k) is not None}
     try:
-        cfg = TrainConfig(
-            model=model or "pico", loss=args.loss, weights=args.weights, data=args.data, images=args.images, nc=args.nc, epochs=args.epochs,
-            img_size=args.img_size, batch=args.batch, optimizer=args.optimizer, lr0=args.lr0, train_size=args.train_size,
+        cfg = TrainConfig.from_recipe(
+            args.recipe, model=model or "pico", loss=args.loss, weights=args.weights, data=args.data, images=args.images, nc=args.nc, epochs=args.epochs,
+            img_size=args.img_size, batch=args.batch, train_size=args.train_size,
             val_size=args.val_size, max_boxes=args.max_boxes, eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed,
-            precision=args.precision, **aug,
+            precision=args.precision, **recipe_fields, **aug,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -177,7 +181,7 @@ def _train(args) -> int:
     if args.resume:
         header = f"jaxyolo train --resume: {out.absolute()} (its saved config; other options except --max-steps, --cache and --workers are ignored)"
     else:
-        shown = ("model", "loss", "weights", "data", "epochs", "img_size", "batch", "optimizer", "lr0", "precision")
+        shown = ("model", "recipe", "loss", "weights", "data", "epochs", "img_size", "batch", "optimizer", "lr0", "precision")
         header = f"jaxyolo train: {out.absolute()}  ({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if k in shown)})"
     try:
         if args.workers is not None and args.workers < 0:

@@ -165,3 +165,29 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path):
     assert not out.exists()  # nothing written before the inputs validated
     with pytest.raises(SystemExit, match=r"^error: .*does not exist"):
         main(["predict", str(tmp_path / "none.jpg"), "--checkpoint", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_train_recipe_ultralytics(tmp_path, capsys):
+    """``--recipe ultralytics`` end to end on the embedded set: 2 epochs of 4
+    batches, optimizer auto (AdamW, lr0 round(0.002 * 5 / (4 + 6), 6) = 1e-3),
+    warmup over epoch 1 (nw = round(min(3, 2 - 1) * 4) = 4), accumulation
+    round(64 / 4) = 16 capped at the run's 8 batches, mosaic closed (close_mosaic 10)."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--recipe", "ultralytics", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"jaxyolo train: {out}  (model=pico, recipe=ultralytics, loss=yolov8, ") and "optimizer=auto" in printed
+    assert "val mAP@0.5 = " in printed
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["recipe"], cfg["optimizer"], cfg["lr0"], cfg["close_mosaic"], cfg["warmup_epochs"], cfg["ema_tau"]) == ("ultralytics", "auto", 0.01, 10, 3.0, 2000.0)
+    final = json.loads((out / "final.json").read_text())
+    assert final["steps"] == 8 and 0.0 <= final["map50"] <= 1.0
+    rows = (out / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    lr = [float(r.split(",")[header.index("lr")]) for r in rows[1:]]
+    # epoch 1: the warmup 0 -> lr0 * lf(0) over its 4 batches (mean 1e-3 * (0 + 1/4 + 2/4 + 3/4) / 4);
+    # epoch 2: the LambdaLR's lr0 * lf(1) = 1e-3 * (0.5 * 0.99 + 0.01)
+    np.testing.assert_allclose(lr, [1e-3 * 1.5 / 4, 1e-3 * 0.505], rtol=1e-5)
+    # the recipe's fields can still be given
+    with pytest.raises(SystemExit, match="optimizer='auto' is ultralytics' rule"):
+        main(["train", *TINY, "--optimizer", "auto", "--out", str(tmp_path / "r2")])

@@ -5,12 +5,24 @@ from __future__ import annotations
 import dataclasses
 import json
 
-__all__ = ["TrainConfig", "LOSSES", "OPTIMIZERS", "PRECISIONS", "SCHEDULES"]
+__all__ = ["TrainConfig", "LOSSES", "OPTIMIZERS", "PRECISIONS", "RECIPES", "SCHEDULES", "ULTRALYTICS_RECIPE"]
 
 LOSSES = ("yolov8", "yolov5", "yolox")
 PRECISIONS = ("fp32", "bf16")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "auto")
 SCHEDULES = ("cosine", "linear")
+RECIPES = ("jaxyolo", "ultralytics")
+
+# ultralytics' cfg/default.yaml (8.4.x) values of the fields the recipe sets:
+# optimizer auto, lr0 0.01, lrf 0.01, momentum 0.937, weight_decay 5e-4,
+# warmup_epochs 3, warmup_momentum 0.8, warmup_bias_lr 0.1, nbs 64,
+# cos_lr False (a linear LambdaLR), close_mosaic 10, and BaseTrainer's fixed
+# clip_grad_norm_(max_norm=10) and ModelEMA(decay=0.9999, tau=2000).
+ULTRALYTICS_RECIPE = dict(
+    recipe="ultralytics", optimizer="auto", lr0=0.01, lrf=0.01, momentum=0.937, weight_decay=5e-4, warmup_epochs=3.0,
+    warmup_momentum=0.8, warmup_bias_lr=0.1, nbs=64, schedule="linear", close_mosaic=10, grad_clip=10.0,
+    ema_decay=0.9999, ema_tau=2000.0,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +55,32 @@ class TrainConfig:
         least 32 (:func:`jaxyolo.train.loop.default_max_boxes`; resolved when
         the run starts and saved so).  The assigners' work and memory grow
         linearly with M (TAL's and SimOTA's ``(B, M, A)`` metrics and costs).
-      optimizer: ``"sgd"`` (Nesterov, momentum) or ``"adamw"`` (betas ``(momentum, 0.999)``).
+      recipe: ``"jaxyolo"`` (default: this trainer's own short-run recipe,
+        below) or ``"ultralytics"``: ultralytics' ``BaseTrainer`` semantics
+        step for step (:func:`TrainConfig.from_recipe` sets its values;
+        :mod:`jaxyolo.train.optim`): per-group LRs (conv/linear weights with
+        decay, BatchNorm weights and all biases without), warmup per
+        iteration over ``round(min(warmup_epochs, epochs - 1) * nb)``
+        iterations (bias LR from ``warmup_bias_lr``, the others from 0, SGD
+        momentum from ``warmup_momentum``, the accumulation count from 1),
+        a LambdaLR stepped per epoch (``schedule`` "linear" or "cosine" =
+        upstream's ``cos_lr``), gradients of the ``loss x B`` total summed
+        over ``accumulate = max(round(nbs / batch), 1)`` batches, clipped at
+        ``grad_clip`` and stepped with ``weight_decay * batch * accumulate /
+        nbs``, the EMA updated at each optimizer step with ``ema_decay``,
+        ``ema_tau`` (their defaults 0.9999, 2000).  ``warmup_min_steps`` is
+        not used by it.
+      optimizer: ``"sgd"`` (Nesterov, momentum) or ``"adamw"`` (betas
+        ``(momentum, 0.999)``); ``"auto"`` (recipe "ultralytics" only):
+        upstream's rule, AdamW with ``lr0 = round(0.002 * 5 / (4 + nc), 6)``,
+        beta1 0.9 and ``warmup_bias_lr`` 0 for runs of at most 10 000
+        iterations, MuSGD beyond (not implemented here: an error).
       lr0: peak learning rate; lrf: final LR as a fraction of lr0.
       momentum: SGD momentum / AdamW beta1 (0.937 as YOLO).
       weight_decay: on conv kernels only (not BatchNorm, not biases).
       warmup_epochs: linear warmup from 0 to lr0 (at least ``warmup_min_steps`` steps).
+      warmup_momentum, warmup_bias_lr: recipe "ultralytics" only: SGD's
+        momentum and the bias group's LR at the start of the warmup.
       schedule: decay after warmup, ``"cosine"`` or ``"linear"`` to ``lr0 * lrf``.
       nbs: nominal batch size.  YOLOv5/v8 losses come back multiplied by B;
         upstream sums ``nbs / B`` accumulated batches before a step, so their
@@ -84,6 +117,7 @@ class TrainConfig:
     """
 
     model: str = "pico"
+    recipe: str = "jaxyolo"
     loss: str | None = None
     weights: str | None = None
     data: str = "embedded"
@@ -102,6 +136,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     warmup_min_steps: int = 50
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
     schedule: str = "cosine"
     nbs: int = 64
     grad_clip: float | None = 10.0
@@ -143,9 +179,30 @@ class TrainConfig:
             object.__setattr__(self, "loss", family or "yolov8")
         elif family is not None and self.loss != family:
             raise ValueError(f"loss={self.loss!r} does not fit model={self.model!r}, a {family} architecture (leave --loss out)")
-        for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+        for name, choices in (("recipe", RECIPES), ("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.recipe == "ultralytics":
+            if self.loss == "yolox":
+                raise ValueError("loss='yolox' does not fit recipe='ultralytics': its gradient accumulation sums losses that are x B (yolov8, yolov5); YOLOX's is a mean")
+            if self.grad_clip is None:
+                raise ValueError("grad_clip: recipe='ultralytics' clips at a norm (upstream's 10.0), got None")
+        elif self.optimizer == "auto":
+            raise ValueError("optimizer='auto' is ultralytics' rule: only with recipe='ultralytics'")
+        for name in ("lrf", "momentum", "warmup_momentum"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+        for name in ("weight_decay", "warmup_epochs", "warmup_bias_lr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0.0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if self.ema_tau is not None and not self.ema_tau > 0:
+            raise ValueError(f"ema_tau must be > 0 or None, got {self.ema_tau!r}")
         for name in ("epochs", "img_size", "batch", "max_boxes", "train_size", "val_size", "nbs", "max_det", "eval_every"):
             v = getattr(self, name)
             if v is None and name == "max_boxes":
@@ -177,6 +234,24 @@ class TrainConfig:
     def mosaic_in_epoch(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (0-based) samples 4-image mosaics."""
         return self.mosaic > 0 and epoch < self.epochs - self.close_mosaic
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "jaxyolo", **overrides) -> TrainConfig:
+        """The config of a named recipe, with ``overrides`` (any field) on top.
+
+        ``"jaxyolo"``: ``TrainConfig()``'s defaults.  ``"ultralytics"``:
+        :data:`ULTRALYTICS_RECIPE`, ultralytics' default training
+        hyperparameters with its trainer's semantics (see ``recipe`` in
+        :class:`TrainConfig`).  The run's own settings (model, data, epochs,
+        img_size, batch, augmentation strengths: already ultralytics'
+        defaults) keep this class's defaults unless overridden.
+        """
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        if "recipe" in overrides and overrides["recipe"] != recipe:
+            raise ValueError(f"recipe: from_recipe({recipe!r}) was also given recipe={overrides['recipe']!r}")
+        base = dict(ULTRALYTICS_RECIPE) if recipe == "ultralytics" else {}
+        return cls(**{**base, **overrides, "recipe": recipe})
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

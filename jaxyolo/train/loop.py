@@ -238,7 +238,7 @@ def train(
             (out_dir / "config.json").write_text(config.dumps())
 
         nc = train_data.nc
-        session = Session(config, nc=nc, steps_per_epoch=spe, mesh=mesh, log_every=log_every, log=None if resume else log)
+        session = Session(config, nc=nc, steps_per_epoch=spe, mesh=mesh, log_every=log_every, log=None if resume else log, train_images=len(train_data))
         names = main_loss_names(config.loss)
         history, epoch, start = [], 0, 0
         acc = new_acc(session.names, log_every)

@@ -29,7 +29,17 @@ from jaxyolo.targets import Targets
 from jaxyolo import parallel
 from jaxyolo._xla import compiler_options
 from jaxyolo.train.config import TrainConfig
-from jaxyolo.train.optim import ema_decay, ema_tau_for, ema_update, make_optimizer
+from jaxyolo.train.optim import (
+    UltralyticsOptimizer,
+    UltralyticsPlan,
+    ema_decay,
+    ema_tau_for,
+    ema_update,
+    make_optimizer,
+    torch_clip_grad_norm,
+    ultralytics_ema_update,
+    ultralytics_param_groups,
+)
 
 __all__ = ["make_objective", "main_loss_names", "log_names", "build_train_model", "Session", "new_acc"]
 
@@ -39,17 +49,19 @@ def make_objective(config: TrainConfig, *, strides, nc: int, reg_max: int = 16, 
 
     ``objective`` is what the optimiser minimises: ``total * nbs / B`` for
     YOLOv5/v8 (upstream's gradient scale; see :class:`TrainConfig`), YOLOX's
-    ``total`` as is.  ``logs`` holds ``"loss"`` (the per-image loss: ``total /
+    ``total`` as is; under ``recipe="ultralytics"`` upstream's ``loss.sum()``,
+    the ``x B`` total, whose gradients the step sums over the accumulated batches.  ``logs`` holds ``"loss"`` (the per-image loss: ``total /
     B`` for v5/v8, ``total`` for YOLOX) and the loss's components.
     """
     strides = tuple(strides)
+    summed = config.recipe == "ultralytics"
     if config.loss == "yolov8":
         cfg = jaxyolo.TalLossConfig(reg_max=reg_max)
 
         def f(preds, targets):
             total, comps = jaxyolo.yolov8_loss(preds, targets, strides=strides, config=cfg)
             b = preds[0].shape[0]
-            return total * config.nbs / b, {"loss": total / b, **comps}
+            return total if summed else total * config.nbs / b, {"loss": total / b, **comps}
 
     elif config.loss == "yolov5":
         cfg = jaxyolo.scale_yolov5_hyp(jaxyolo.Yolov5LossConfig(), nc=nc, num_levels=len(strides), img_size=config.img_size)
@@ -58,7 +70,7 @@ def make_objective(config: TrainConfig, *, strides, nc: int, reg_max: int = 16, 
         def f(preds, targets):
             total, comps, _ = jaxyolo.yolov5_loss(preds, targets, anchors=anchors, strides=strides, config=cfg)
             b = preds[0].shape[0]
-            return total * config.nbs / b, {"loss": total / b, **comps}
+            return total if summed else total * config.nbs / b, {"loss": total / b, **comps}
 
     else:
         cfg = jaxyolo.YoloxLossConfig()
@@ -158,6 +170,8 @@ class Session:
         None: all devices.
       log_every: the window of per-step losses kept in ``acc`` (the log interval).
       log: where a line about loaded ``config.weights`` goes (None: nowhere).
+      train_images: the training set's size, for ``recipe="ultralytics"``
+        with ``optimizer="auto"`` (default ``steps_per_epoch * batch``).
 
     ``train_step(state, ema, acc, batch) -> (state, ema, acc)`` with ``batch``
     the pipeline's dict (:class:`jaxyolo.data.TrainBatches`): ``image (B, K,
@@ -171,7 +185,7 @@ class Session:
     positional int, None: the config's).
     """
 
-    def __init__(self, config: TrainConfig, *, nc: int, steps_per_epoch: int, mesh=None, log_every: int = 1, log=None):
+    def __init__(self, config: TrainConfig, *, nc: int, steps_per_epoch: int, mesh=None, log_every: int = 1, log=None, train_images: int | None = None):
         self.config = config
         self.nc = nc
         self.steps_per_epoch = steps_per_epoch
@@ -188,13 +202,18 @@ class Session:
         self.anchors = model.head.anchor_array if config.loss == "yolov5" else None
         self.decode = model.decode  # uses only static attributes
         self.dtype = _PRECISION[config.precision]
-        self.tx, self.schedule = make_optimizer(config, self.total_steps, steps_per_epoch)
+        self.plan = None
+        if config.recipe == "ultralytics":
+            self.plan = UltralyticsPlan.from_config(config, nc=nc, steps_per_epoch=steps_per_epoch, n_images=train_images)
+            self.schedule = lambda step: self.plan.hyperparams(step)["lr"][0]  # the weight group's
+        else:
+            self.tx, self.schedule = make_optimizer(config, self.total_steps, steps_per_epoch)
         self.ema_tau = ema_tau_for(config, self.total_steps)
         self.objective = make_objective(config, strides=self.strides, nc=nc, reg_max=self.reg_max, anchors=self.anchors)
 
         key = (
             dataclasses.replace(config, max_steps=None, eval_every=1, data="", images=None, weights=None, train_size=1, val_size=1),
-            nc, steps_per_epoch, tuple(d.id for d in self.mesh.devices.flat), log_every,
+            nc, steps_per_epoch, tuple(d.id for d in self.mesh.devices.flat), log_every, self.plan,
         )
         model.eval()
         graph_eval = nnx.graphdef(model)
@@ -204,6 +223,8 @@ class Session:
         # would otherwise rebuild ~1000 Variable objects on the host from its
         # outputs (about 10 ms a step, a dispatch cost the device waits on).
         params, stats = nnx.pure(params), nnx.pure(stats)
+        if self.plan is not None:
+            self.tx = UltralyticsOptimizer(self.plan, ultralytics_param_groups(params))
         compiled = _COMPILED.get(key)
         if compiled is None:
             # jit once per (config, nc, steps per epoch, mesh) in a process: a
@@ -218,7 +239,13 @@ class Session:
             compiled = _COMPILED[key] = (graph_train, graph_eval, train_step, predict)
         self.graph_train, self.graph_eval, self.train_step, self.predict = compiled
 
-        init = jax.jit(lambda p, s: {"params": p, "stats": s, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)}, out_shardings=self.replicated)
+        def init_state(p, s):
+            state = {"params": p, "stats": s, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)}
+            if self.plan is not None:  # the summed gradients, the iteration of the last optimizer step, the EMA's updates
+                state["accum"] = {"grads": jax.tree.map(jnp.zeros_like, p), "last_opt_step": jnp.int32(-1), "updates": jnp.int32(0)}
+            return state
+
+        init = jax.jit(init_state, out_shardings=self.replicated)
         self.state = init(params, stats)
         # The EMA starts as a copy with its own buffers (both are donated).
         self.ema = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.replicated)({"params": params, "stats": stats})
@@ -246,6 +273,8 @@ class Session:
             return obj, (logs, _cast_floats(nnx.pure(new_stats), jnp.float32))
 
         (_, (logs, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], state["stats"])
+        if self.plan is not None:
+            return self._ultralytics_update(state, ema, acc, grads, stats, logs, cut)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         step = state["step"] + 1
@@ -255,6 +284,47 @@ class Session:
         logs = {k: jnp.asarray(logs[k], jnp.float32) for k in self.names}
         acc = _accumulate(acc, logs, step)
         return {"params": params, "stats": stats, "opt_state": opt_state, "step": step}, new_ema, acc
+
+    def _ultralytics_update(self, state, ema, acc, grads, stats, logs, cut):
+        """``recipe="ultralytics"``: ``_do_train``'s loop body after the
+        backward pass.  The batch's gradients add to the sum; when ``ni -
+        last_opt_step >= accumulate`` (``ni`` = ``state["step"]``, this
+        batch's iteration) ``optimizer_step``: the sum clipped at
+        ``grad_clip`` as ``clip_grad_norm_``, the optimizer step with the
+        iteration's LRs and momentum, the sum zeroed, and the EMA updated
+        (``updates += 1``, ``d = ema_decay (1 - exp(-updates / ema_tau))``).
+        BatchNorm statistics move at every batch (the forward)."""
+        config, plan = self.config, self.plan
+        ni = state["step"]
+        hp = plan.hyperparams(ni)
+        accum = state["accum"]
+        total = jax.tree.map(jnp.add, accum["grads"], grads)
+
+        def opt_step(args):
+            params, opt_state, total, ema, updates = args
+            clipped, _ = torch_clip_grad_norm(total, config.grad_clip)
+            params, opt_state = self.tx.step(clipped, opt_state, params, lr=hp["lr"], momentum=hp["momentum"])
+            updates = updates + 1
+            d = ema_decay(updates, decay=config.ema_decay, tau=self.ema_tau)
+            ema = ultralytics_ema_update(ema, {"params": params, "stats": stats}, d)
+            return params, opt_state, jax.tree.map(jnp.zeros_like, total), ema, updates, ni
+
+        def no_step(args):
+            return (*args, accum["last_opt_step"])
+
+        params, opt_state, total, ema, updates, last = jax.lax.cond(
+            ni - accum["last_opt_step"] >= hp["accumulate"], opt_step, no_step,
+            (state["params"], state["opt_state"], total, ema, accum["updates"]),
+        )
+        step = ni + 1
+        logs = dict(logs, lr=hp["lr"][0], grad_norm=optax.global_norm(grads), boxes_cut=cut.sum())
+        logs = {k: jnp.asarray(logs[k], jnp.float32) for k in self.names}
+        acc = _accumulate(acc, logs, step)
+        new_state = {
+            "params": params, "stats": stats, "opt_state": opt_state, "step": step,
+            "accum": {"grads": total, "last_opt_step": last, "updates": updates},
+        }
+        return new_state, ema, acc
 
     def decode_images(self, params, stats, images):
         """Eval-mode forward + decode: ``images (B, H, W, 3) uint8`` ->
