@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", default=None, help="the images folder of a COCO .json --data")
     e.add_argument("--img-size", type=int, default=None, help="evaluation size, multiple of 32: the val images are letterboxed to it and the model runs at it (default: the run's training size; 640 for converted weights, as upstream's `yolo val`)")
     e.add_argument("--batch", type=int, default=None, help="evaluation batch (default: the run's batch)")
+    e.add_argument("--rect", action=argparse.BooleanOptionalAction, default=True, help="rectangular batches as `yolo val`: images sorted by aspect ratio, each batch letterboxed to ceil(shape * S / 32 + 0.5) * 32 (a square image at S = 128 gets a 160 x 160 frame); --no-rect: every image in its S x S frame, as the trainer's evaluation")
     e.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
 
     r = sub.add_parser("predict", help="run a checkpoint on images and draw the detections", formatter_class=_Help)
@@ -197,7 +198,8 @@ def _eval(args) -> int:
     from jaxyolo.train import evaluate_checkpoint
 
     try:
-        evaluate_checkpoint(args.checkpoint, batch_size=args.batch, devices=args.devices, data=args.data, images=args.images, img_size=args.img_size)
+        evaluate_checkpoint(args.checkpoint, batch_size=args.batch, devices=args.devices, data=args.data, images=args.images, img_size=args.img_size,
+                            rect=args.rect)
     except _USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
     return 0

@@ -138,3 +138,44 @@ def test_evaluate_model_both_metrics_and_overflow_warning():
     assert res["map50"] == ref["map50"] and res["map50_95"] == ref["map50_95"] and res["per_class"] == ref["per_class"]
     # The extra class-1 box ranks below every true one: no AP drops (yolo val's perfect AP is 0.995).
     assert res["coco_map50"] == pytest.approx(1.0) and res["map50"] == pytest.approx(0.995) and res["precision"] < 1.0
+
+
+def test_rect_batches_frame_as_yolo_val(oracles, tmp_path):
+    """``evaluate_model(rect=True)``'s framing equals ultralytics' val dataset with ``rect=True``
+    (what ``yolo val`` builds): the same images in the same order (sorted by aspect ratio), each
+    batch's frame shape, every pixel of the letterboxed frames, and the labels normalised to them."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from _datasets import make_yaml_dataset
+
+    from jaxyolo.data import load_data
+    from jaxyolo.evaluate.model import _rect_batches, rect_batch_shapes
+
+    yaml, _ = make_yaml_dataset(tmp_path / "d", n_train=1, n_val=7)
+    S, B = 64, 3
+    data = load_data(str(yaml), "val", img_size=S)
+    assert len({tuple(s) for s in data.orig_shapes}) >= 3  # wide, tall and square images
+    oracles.torch()
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.build import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    cfg = get_cfg(overrides={"imgsz": S, "rect": True, "cache": False})
+    ds = build_yolo_dataset(cfg, check_det_dataset(str(yaml))["val"], B, check_det_dataset(str(yaml)), mode="val", stride=32)
+    ours = list(_rect_batches(data, batch_size=B, max_boxes=8, stride=32, process_index=0, process_count=1))
+    order, frames = rect_batch_shapes(data.orig_shapes, batch_size=B, img_size=S)
+    np.testing.assert_array_equal(frames, ds.batch_shapes)
+    assert [str(data.files[i]) for i in order] == [str(f) for f in ds.im_files]
+    k = 0
+    for images, idx, labels, (h, w), n in ours:
+        for j in range(n):
+            item = ds[k]
+            assert str(data.files[idx[j]]) == item["im_file"]
+            theirs = item["img"].numpy().transpose(1, 2, 0)  # CHW (RGB after Format) -> HWC
+            assert theirs.shape == (h, w, 3)
+            np.testing.assert_array_equal(images[j], theirs)
+            ref = np.concatenate([item["cls"].numpy().reshape(-1, 1), item["bboxes"].numpy().reshape(-1, 4)], 1)
+            np.testing.assert_allclose(labels[j], ref, atol=2e-6)
+            k += 1
+    assert k == len(ds) and len({(f[0], f[1]) for f in frames}) >= 2

@@ -16,7 +16,7 @@ def coco_map(gt_labels, detections, *, img_size: int, nc: int):
     Args:
       gt_labels: per image ``(n_i, 5)`` ``[class, cx, cy, w, h]`` normalised.
       detections: per image ``(boxes (D_i, 4) xyxy px, scores (D_i,), classes (D_i,))``.
-      img_size: S, the square image side in pixels.
+      img_size: S, the square frames' side in pixels, or per image ``(H, W)``.
       nc: number of classes (category ids ``0..nc-1``).
 
     Returns:
@@ -29,14 +29,17 @@ def coco_map(gt_labels, detections, *, img_size: int, nc: int):
 
     if len(gt_labels) != len(detections):
         raise ValueError(f"gt_labels has {len(gt_labels)} images but detections has {len(detections)}")
-    images = [{"id": i + 1, "width": img_size, "height": img_size} for i in range(len(gt_labels))]
+    from jaxyolo.evaluate.yolo_val import frame_shapes
+
+    shapes = frame_shapes(img_size, len(gt_labels))
+    images = [{"id": i + 1, "width": fw, "height": fh} for i, (fh, fw) in enumerate(shapes)]
     anns = []
-    for i, lab in enumerate(gt_labels):
+    for i, (lab, (fh, fw)) in enumerate(zip(gt_labels, shapes)):
         for c, cx, cy, w, h in np.asarray(lab, np.float64).reshape(-1, 5):
-            bw, bh = w * img_size, h * img_size
+            bw, bh = w * fw, h * fh
             anns.append({
                 "id": len(anns) + 1, "image_id": i + 1, "category_id": int(c), "iscrowd": 0,
-                "bbox": [(cx - w / 2) * img_size, (cy - h / 2) * img_size, bw, bh], "area": bw * bh,
+                "bbox": [(cx - w / 2) * fw, (cy - h / 2) * fh, bw, bh], "area": bw * bh,
             })
     dets = []
     for i, (b, s, c) in enumerate(detections):

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["IOU_THRESHOLDS", "ap_per_class", "compute_ap", "format_val_table", "match_predictions", "yolo_val_metrics"]
+__all__ = ["IOU_THRESHOLDS", "ap_per_class", "compute_ap", "format_val_table", "frame_shapes", "match_predictions", "yolo_val_metrics"]
 
 # torch.linspace(0.5, 0.95, 10) in float32 (upstream's ``iouv``), bit for bit.
 IOU_THRESHOLDS = np.array([0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95], np.float32)
@@ -146,13 +146,24 @@ def ap_per_class(tp, conf, pred_cls, target_cls, *, eps: float = 1e-16) -> dict:
     return {"classes": unique_classes.astype(int), "ap": ap, "p": p, "r": r, "f1": f1, "tp": tpk, "fp": fpk}
 
 
-def _frame_boxes(labels, img_size):
+def frame_shapes(img_size, n: int) -> list:
+    """``img_size``: S (every frame S x S) or N ``(H, W)`` pairs -> N ``(H, W)``."""
+    if np.ndim(img_size) == 0:
+        return [(int(img_size), int(img_size))] * n
+    shapes = [tuple(int(v) for v in hw) for hw in img_size]
+    if len(shapes) != n or any(len(hw) != 2 for hw in shapes):
+        raise ValueError(f"img_size must be an int or {n} (H, W) pairs, got {len(shapes)} entries")
+    return shapes
+
+
+def _frame_boxes(labels, hw):
     """``(n, 5) [class, cx, cy, w, h]`` normalised -> classes, ``(n, 4)`` xyxy
-    frame pixels in float32 as upstream (``xywh2xyxy(bbox) * imgsz``)."""
+    frame pixels in float32 as upstream (``xywh2xyxy(bbox) * imgsz[[1, 0, 1, 0]]``)."""
     lab = np.asarray(labels, np.float32).reshape(-1, 5)
     xy, wh = lab[:, 1:3], lab[:, 3:5]
     half = wh / np.float32(2)
-    xyxy = np.concatenate([xy - half, xy + half], 1) * np.float32(img_size)
+    h, w = hw
+    xyxy = np.concatenate([xy - half, xy + half], 1) * np.float32([w, h, w, h])
     return lab[:, 0], xyxy
 
 
@@ -161,10 +172,11 @@ def yolo_val_metrics(gt_labels, detections, *, img_size: int, nc: int) -> dict:
 
     Args:
       gt_labels: per image ``(n_i, 5)`` ``[class, cx, cy, w, h]`` normalised
-        to the S x S frame.
+        to its frame.
       detections: per image ``(boxes (D_i, 4) xyxy frame px, scores (D_i,),
         classes (D_i,))`` in descending score (the NMS output).
-      img_size: S, the square frame's side in pixels.
+      img_size: S, the square frames' side in pixels, or per image ``(H, W)``
+        (rectangular frames).
       nc: number of classes (ids ``0..nc-1``).
 
     Returns:
@@ -177,8 +189,8 @@ def yolo_val_metrics(gt_labels, detections, *, img_size: int, nc: int) -> dict:
     if len(gt_labels) != len(detections):
         raise ValueError(f"gt_labels has {len(gt_labels)} images but detections has {len(detections)}")
     tps, confs, pcls, tcls, per_image = [], [], [], [], []
-    for lab, (b, s, c) in zip(gt_labels, detections):
-        cls, gt = _frame_boxes(lab, img_size)
+    for lab, (b, s, c), hw in zip(gt_labels, detections, frame_shapes(img_size, len(gt_labels))):
+        cls, gt = _frame_boxes(lab, hw)
         b = np.asarray(b, np.float32).reshape(-1, 4)
         s, c = np.asarray(s, np.float32).reshape(-1), np.asarray(c).reshape(-1).astype(np.float32)
         if len(cls) and len(c):

@@ -94,12 +94,15 @@ def _report_failures(data, log):
         log(f"warning: {len(bad)} image{'s' * (len(bad) != 1)} cannot be read ({len(data.failed)} in all so far); each trains as an empty frame and is left out of the mAP: {shown}{more}")
 
 
-def _evaluate(session: Session, val_data, *, batch_size=None, log=None):
+def _evaluate(session: Session, val_data, *, batch_size=None, log=None, rect: bool = False):
+    """The trainer validates square frames (as ultralytics' trainer); ``jaxyolo
+    eval`` passes ``rect=True`` (as ``yolo val``)."""
     m = session.config.max_boxes or default_max_boxes(val_data)  # None: converted weights, no run's M
     d = eval_max_det(session.config.max_det, val_data)
     res = evaluate_model(
         lambda p, s, im: session.predict(p, s, im, d), session.ema["params"], session.ema["stats"], val_data,
         batch_size=batch_size or session.config.batch, max_boxes=m, sharding=session.batch_sharding, warn=log,
+        rect=rect, stride=int(max(session.strides)),
     )
     if log is not None:
         _report_failures(val_data, log)
@@ -433,7 +436,7 @@ def check_classes(model_names, data_names, *, has_names: bool = True) -> None:
 
 def evaluate_checkpoint(
     path, *, log=print, batch_size: int | None = None, data=None, devices: int | None = None, images=None, img_size: int | None = None,
-    workers: int | None = None,
+    workers: int | None = None, rect: bool = True,
 ):
     """Evaluate the model of ``path`` (a run's latest EMA model, or converted
     weights: see :func:`load_session`) on the val split of the run's data, or
@@ -445,6 +448,13 @@ def evaluate_checkpoint(
     letterboxed to S x S and the model runs at S.  None: the run's training
     size, 640 for converted weights.  A given :class:`DetectionData` is
     already letterboxed: its size must then be S.
+
+    ``rect`` (default): rectangular batches as ``yolo val`` (each batch of
+    images sorted by aspect ratio in a frame of ``ceil(shape * S / stride +
+    0.5) * stride``, :mod:`jaxyolo.evaluate.model`), so the figures compare
+    with ``yolo val``'s; False: the square S x S frames of the trainer's
+    evaluation (the numbers of the run's ``final.json``).  One process only
+    (on several, square).
 
     A dataset on disk is streamed (its images decoded batch by batch by
     ``workers`` processes, :func:`jaxyolo.data.stream.default_workers` by
@@ -473,7 +483,7 @@ def evaluate_checkpoint(
             if img_size is not None and val_data.img_size != img_size:
                 raise ValueError(f"img_size={img_size}, but data is letterboxed to {val_data.img_size} px")
         check_classes(meta["names"], val_data.names, has_names=meta["has_names"])  # before the model is built
-        res = _evaluate(build(mesh), val_data, batch_size=batch_size, log=log)
+        res = _evaluate(build(mesh), val_data, batch_size=batch_size, log=log, rect=rect and jax.process_count() == 1)
     what = "converted weights" if meta.get("converted") else f"step {meta['step']}"
     log(format_val_table(res, names=val_data.names))
     log(f"{path} ({what}, {val_data.img_size} px): val {map_line(res)}")
