@@ -163,7 +163,7 @@ def test_rect_batches_frame_as_yolo_val(oracles, tmp_path):
 
     cfg = get_cfg(overrides={"imgsz": S, "rect": True, "cache": False})
     ds = build_yolo_dataset(cfg, check_det_dataset(str(yaml))["val"], B, check_det_dataset(str(yaml)), mode="val", stride=32)
-    ours = list(_rect_batches(data, batch_size=B, max_boxes=8, stride=32, process_index=0, process_count=1))
+    ours = list(_rect_batches(data, batch_size=B, max_boxes=8, stride=32))
     order, frames = rect_batch_shapes(data.orig_shapes, batch_size=B, img_size=S)
     np.testing.assert_array_equal(frames, ds.batch_shapes)
     assert [str(data.files[i]) for i in order] == [str(f) for f in ds.im_files]

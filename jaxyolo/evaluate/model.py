@@ -106,29 +106,26 @@ def _reframe(frames, rects, height: int, width: int):
     return out, offsets
 
 
-def _rect_batches(data, *, batch_size, max_boxes, stride, process_index, process_count):
+def _rect_batches(data, *, batch_size, max_boxes, stride):
     """Yield ``(images (B, H, W, 3), idx (n,), labels [(n_i, 5)], frame (H, W), n)`` in
-    ``set_rectangle``'s order; labels normalised to the batch's frame."""
+    ``set_rectangle``'s order (one process); labels normalised to the batch's frame.
+    The last batch is padded with copies of its first image."""
     order, frames = rect_batch_shapes(_original_shapes(data), batch_size=batch_size, img_size=data.img_size, stride=stride)
     source, size = _Source(data, max_boxes), data.img_size
-    per = batch_size // process_count
-    rows = slice(process_index * per, (process_index + 1) * per)
     for j, (height, width) in enumerate(frames):
         idx = order[j * batch_size : (j + 1) * batch_size]
         n = len(idx)
-        full = np.concatenate([idx, np.full(batch_size - n, idx[0])])
-        b = source.collect(source.request(full[rows]))
+        b = source.collect(source.request(np.concatenate([idx, np.full(batch_size - n, idx[0])])))
         images, offsets = _reframe(b["image"], b["rects"], int(height), int(width))
         labels = []
-        if process_count == 1:
-            for i in range(n):
-                m = b["mask"][i]
-                box = b["boxes"][i][m] * size  # cxcywh px of the square frame
-                top, left = b["rects"][i][:2]
-                box[:, 0] += offsets[i, 1] - left
-                box[:, 1] += offsets[i, 0] - top
-                box /= np.float32([width, height, width, height])
-                labels.append(np.concatenate([b["classes"][i][m][:, None].astype(np.float32), box], 1))
+        for i in range(n):
+            m = b["mask"][i]
+            box = b["boxes"][i][m] * size  # cxcywh px of the square frame
+            top, left = b["rects"][i][:2]
+            box[:, 0] += offsets[i, 1] - left
+            box[:, 1] += offsets[i, 0] - top
+            box /= np.float32([width, height, width, height])
+            labels.append(np.concatenate([b["classes"][i][m][:, None].astype(np.float32), box], 1))
         yield images, idx, labels, (int(height), int(width)), n
 
 
@@ -180,7 +177,7 @@ def evaluate_model(predict, params, stats, data, *, batch_size: int, max_boxes: 
 
     if rect:
         order, labels, shapes = [], [], []
-        for images, idx, lab, frame, n in _rect_batches(data, batch_size=batch_size, max_boxes=max_boxes, stride=stride, process_index=pi, process_count=pc):
+        for images, idx, lab, frame, n in _rect_batches(data, batch_size=batch_size, max_boxes=max_boxes, stride=stride):
             run(images, n)
             order += idx.tolist()
             labels += lab
