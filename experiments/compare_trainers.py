@@ -75,7 +75,6 @@ def _torch():
 def _ultralytics_ckpt(module, names, path: Path):
     t = _torch()
     module.names = dict(enumerate(names))
-    module.args = {"imgsz": 128}
     t.save({"model": module.float(), "ema": None, "train_args": {}, "epoch": -1}, path)
 
 

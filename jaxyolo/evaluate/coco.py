@@ -7,6 +7,8 @@ import io
 
 import numpy as np
 
+from jaxyolo.evaluate.yolo_val import frame_shapes
+
 __all__ = ["coco_map"]
 
 
@@ -29,8 +31,6 @@ def coco_map(gt_labels, detections, *, img_size: int, nc: int):
 
     if len(gt_labels) != len(detections):
         raise ValueError(f"gt_labels has {len(gt_labels)} images but detections has {len(detections)}")
-    from jaxyolo.evaluate.yolo_val import frame_shapes
-
     shapes = frame_shapes(img_size, len(gt_labels))
     images = [{"id": i + 1, "width": fw, "height": fh} for i, (fh, fw) in enumerate(shapes)]
     anns = []
