@@ -22,6 +22,10 @@ evaluate every model with ``jaxyolo eval`` and with ``yolo val``.
    ultralytics ``.pt`` (float32 EMA weights) for ``yolo val``; ultralytics'
    ``best.pt`` (float16, as it saves) is read as is by ``jaxyolo eval``.
 
+The ultralytics trainer needs ``polars`` (it reads its results CSV with it at
+every save): ``pip install polars`` into the venv; the test venv, which
+installs ultralytics ``--no-deps``, does not have it.
+
 Writes ``<out>/compare_trainers.json`` and ``.md`` (the table the README
 shows).  Results of trainers already in the json are kept (``--trainers``
 picks the ones to (re)run; ``--eval-only`` re-scores the existing models).
