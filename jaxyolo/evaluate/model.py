@@ -31,7 +31,7 @@ from jaxyolo.evaluate.yolo_val import yolo_val_metrics
 __all__ = ["EVAL_PRE_NMS_TOPK", "eval_max_det", "evaluate_model", "rect_batch_shapes"]
 
 # K of the evaluation NMS: the most (anchor, class) candidates above conf per
-# image that enter it (ultralytics: 30 000; the greedy loop costs O(K^2)).
+# image that enter it (ultralytics: 30 000; the NMS holds a K x K suppression matrix).
 EVAL_PRE_NMS_TOPK = 3000
 
 
