@@ -1,8 +1,8 @@
 """``jaxyolo train | eval | predict``: the command line.
 
     jaxyolo train [--recipe jaxyolo|ultralytics] [--loss yolov8|yolov5|yolox] [--data embedded|data.yaml|COCO|DIR] [--epochs N]
-                  [--img-size S] [--batch B] [--out DIR] [--resume] [--cache auto|ram|disk|none] [--workers N]
-                  [augmentation flags] ...
+                  [--img-size S] [--batch B] [--out DIR] [--resume] [--save-every N] [--cache auto|ram|disk|none]
+                  [--workers N] [augmentation flags] ...
     jaxyolo eval --checkpoint RUN|WEIGHTS [--data ...] [--img-size S]
     jaxyolo predict SOURCE --checkpoint RUN|WEIGHTS [--out DIR] [--conf 0.25] [--iou 0.7] [--save-txt]
     jaxyolo convert FILE [--name N] --out DIR                 (PyTorch checkpoint -> jaxyolo weights)
@@ -10,7 +10,10 @@
 
 Defaults train the embedded shapes dataset with the YOLOv8 loss and print
 the val mAP@0.5 and mAP@0.5:0.95 of the EMA model at the end.  Every user
-error is one line starting ``error:``.
+error is one line starting ``error:``.  ``jaxyolo train`` exits with 0 when
+the run is done, 1 on an error, and 75
+(:data:`jaxyolo.train.preempt.PREEMPTED_EXIT_CODE`) when SIGTERM or SIGINT
+stopped it with a checkpoint (``--resume`` continues).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-boxes", type=int, default=d.max_boxes, help="boxes per image the loss sees (static shape); more are cut and counted (boxes_cut). Default: the most objects in one training image, rounded up to a multiple of 8, at least 32")
     t.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate mAP every N epochs (and at the end)")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, with a checkpoint (default: run every epoch)")
+    t.add_argument("--save-every", type=int, default=None, help="also checkpoint every N steps (long epochs on preemptible machines; default: each epoch's end). SIGTERM or Ctrl-C stops at the next step with a checkpoint and exit status 75; --resume continues exactly")
     t.add_argument("--seed", type=int, default=d.seed, help="model init, data order and augmentation draws")
     t.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="bf16: convolutions and activations in bfloat16; parameters, optimiser, EMA, BatchNorm statistics and losses stay float32")
     t.add_argument("--log-every", type=int, default=50, help="fetch the logged values from the device every N steps (one steps.csv row per N steps)")
@@ -157,6 +161,7 @@ _USER_ERRORS = (FileNotFoundError, ValueError, FloatingPointError)
 def _train(args) -> int:
     from jaxyolo.train import TrainConfig, train
     from jaxyolo.train.checkpoint import RunLockedError
+    from jaxyolo.train.preempt import PREEMPTED_EXIT_CODE
 
     model = args.model
     if model is None and args.weights is not None:
@@ -187,11 +192,11 @@ def _train(args) -> int:
     try:
         if args.workers is not None and args.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {args.workers}")
-        train(cfg, out, resume=args.resume, progress=not args.no_progress, log_every=args.log_every, devices=args.devices,
-              cache=args.cache, cache_dir=args.cache_dir, workers=args.workers, header=header)
+        res = train(cfg, out, resume=args.resume, progress=not args.no_progress, log_every=args.log_every, devices=args.devices,
+                    cache=args.cache, cache_dir=args.cache_dir, workers=args.workers, header=header, save_every=args.save_every)
     except (*_USER_ERRORS, RunLockedError) as e:
         raise SystemExit(f"error: {e}") from None
-    return 0
+    return PREEMPTED_EXIT_CODE if res["preempted"] else 0
 
 
 def _eval(args) -> int:

@@ -336,6 +336,80 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     assert resumed["losses"] == full["losses"][2:]
 
 
+# A child that trains through the CLI (its exit status is tested) with
+# ~0.3 s per step (a signal sent after step N lands mid-epoch), printing
+# "step" after each, and whose first checkpoint write after a signal sends it
+# a second SIGTERM (the save must not be disturbed by it).
+_SLOW_CLI = """
+    import os, signal, sys, time
+    from jaxyolo import cli
+    from jaxyolo.train import checkpoint as ckpt, loop, preempt
+    init, handle, save = loop.Session.__init__, preempt.StopSignals._handle, ckpt.save
+    def slow_init(self, *a, **k):
+        init(self, *a, **k)
+        fast = self.train_step
+        def step(*args):
+            out = fast(*args)
+            time.sleep(0.3)
+            print("step", flush=True)
+            return out
+        self.train_step = step
+    got = []
+    def handle_(self, signum, frame):
+        got.append(signum)
+        handle(self, signum, frame)
+    def save_(*a, **k):
+        if len(got) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a second signal, handled in the middle of the write
+            got.append("sent")
+        return save(*a, **k)
+    loop.Session.__init__, preempt.StopSignals._handle, ckpt.save = slow_init, handle_, save_
+    sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _signal_after(child, n_steps: int, signum=signal.SIGTERM) -> list:
+    """Read the child's "step" lines; after the ``n_steps``-th send it ``signum``.  Returns the lines read."""
+    lines = []
+    while sum(ln == "step" for ln in lines) < n_steps:
+        ln = child.stdout.readline()
+        assert ln, "".join(lines) + child.stderr.read()[-3000:]
+        lines.append(ln.strip())
+    child.send_signal(signum)
+    return lines
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    from jaxyolo.train.preempt import PREEMPTED_EXIT_CODE
+
+    run = tmp_path / "run"
+    args = ["train", "--epochs", "1", "--img-size", "64", "--batch", "8", "--train-size", "96", "--val-size", "8", "--max-boxes", "8",
+            "--log-every", "1", "--save-every", "3", "--no-progress", "--out", str(run)]
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SLOW_CLI), *args], env=dict(os.environ, XLA_FLAGS=_xla_flags(1)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _signal_after(child, 4)
+    out, err = child.communicate(timeout=600)
+    assert child.returncode == PREEMPTED_EXIT_CODE == 75, out[-2000:] + err[-3000:]
+    stopped = re.search(r"^stopped by SIGTERM at step (\d+) \(epoch 1/1, batch (\d+)/12\); checkpoint in (\S+); continue with --resume$", out, re.M)
+    assert stopped, out
+    s = int(stopped[1])
+    assert 4 <= s < 12 and int(stopped[2]) == s and stopped[3] == str(run / "checkpoints" / str(s))
+    assert "SIGTERM again: still stopping" in err  # the second signal, during the write, changed nothing
+    assert ckpt.manager(run).latest_step() == s
+    assert {int(p.name) for p in (run / "checkpoints").iterdir()} == {s, 3 * ((s - 1) // 3)}  # --save-every 3 (two kept)
+    assert not (run / ".lock").exists() and not (run / "final.json").exists()
+    # The interrupted run's steps and the resumed run's next steps are those of an uninterrupted run, bit for bit.
+    cfg = TrainConfig.from_json(json.loads((run / "config.json").read_text()))
+    full = train(cfg, tmp_path / "full", log_every=1, **QUIET)
+    assert [float(r["loss"]) for r in _rows(run / "steps.csv")] == full["losses"][:s]
+    messages = []
+    rest = train(cfg, run, resume=True, log_every=1, progress=False, log=messages.append)
+    assert f"resumed {run} at step {s} (epoch 1/1, batch {s + 1}/12)" in messages
+    assert rest["losses"] == full["losses"][s:] and rest["preempted"] is None
+    assert rest["map50"] == full["map50"]
+
+
 @pytest.mark.slow
 def test_resume_edge_cases(tmp_path):
     messages = []

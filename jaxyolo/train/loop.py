@@ -45,6 +45,7 @@ from jaxyolo.evaluate import eval_max_det, evaluate_model, format_val_table
 from jaxyolo.train import checkpoint as ckpt
 from jaxyolo.train.config import TrainConfig
 from jaxyolo.train.logs import Progress, RunLogs, plot_results
+from jaxyolo.train.preempt import StopSignals
 from jaxyolo.train.step import Session, main_loss_names, new_acc
 
 __all__ = ["train", "evaluate_checkpoint", "load_session", "check_img_size", "check_classes"]
@@ -143,9 +144,11 @@ def _contents(out_dir: Path) -> str:
 def train(
     config: TrainConfig, out_dir, *, resume: bool = False, progress: bool = True, log=_print, data=None,
     log_every: int = 50, devices: int | None = None, prefetch: int = 2, cache: str = "auto", cache_dir=None,
-    workers: int | None = None, header: str | None = None,
+    workers: int | None = None, header: str | None = None, save_every: int | None = None,
 ):
-    """Train, evaluate every ``eval_every`` epochs, checkpoint every epoch.
+    """Train, evaluate every ``eval_every`` epochs, checkpoint every epoch
+    (and every ``save_every`` steps); stop with a checkpoint on SIGTERM or
+    SIGINT (:mod:`jaxyolo.train.preempt`).
 
     Args:
       config: the run's :class:`TrainConfig` (with ``resume`` the saved one is
@@ -175,6 +178,9 @@ def train(
         prefetch thread).
       header: the run's first line, to which the data source is appended
         (the CLI's ``jaxyolo train: ...``); None: no such line.
+      save_every: also write a checkpoint every this many global steps
+        (long epochs on preemptible machines); None: at each epoch's end only.
+        Two checkpoints are kept.
 
     Returns:
       dict with the final evaluation of :func:`jaxyolo.evaluate.evaluate_model`
@@ -183,10 +189,18 @@ def train(
       when stopped early by ``max_steps``), ``steps`` (global steps done),
       ``losses`` (the per-step ``loss`` of every step this call ran),
       ``log_times`` (``(step, seconds since the call began)`` at each log
-      point), ``seconds``, ``out_dir``.
+      point), ``seconds``, ``out_dir``, ``preempted`` (None, or what stopped
+      the run at step ``steps`` with a checkpoint: ``"SIGTERM"``,
+      ``"SIGINT"``, or ``"preemption notice"`` when another process of a
+      multi-process run got the signal; ``map50`` is then None).  Called
+      from the main thread, the signals are caught for the whole call (the
+      steps before the training loop starts included); from another thread,
+      not at all.
     """
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+    if save_every is not None and (not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 1):
+        raise ValueError(f"save_every must be a positive int or None, got {save_every!r}")
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
     t_start = time.perf_counter()
@@ -196,6 +210,7 @@ def train(
     where = out_dir.absolute()  # in messages: the user may have started elsewhere (scripts/train.sh cds)
     mesh = parallel.make_mesh(devices)
     with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(StopSignals())
         meta = lock = None
         if resume:
             if not (out_dir / "checkpoints").is_dir():
@@ -260,14 +275,16 @@ def train(
                 "nc": nc, "names": list(train_data.names), "epoch_sums": {k: float(v) for k, v in (sums or {}).items()}, "epoch_n": int(n),
             }
 
-        def result(ev, losses, log_times):
+        def result(ev, losses, log_times, preempted=None):
             ev = ev or {"map50": None, "map50_95": None}
-            return {**ev, "steps": done, "losses": losses, "log_times": log_times, "seconds": time.perf_counter() - t_start, "out_dir": str(out_dir)}
+            return {**ev, "steps": done, "losses": losses, "log_times": log_times, "seconds": time.perf_counter() - t_start, "out_dir": str(out_dir), "preempted": preempted}
 
         if meta is not None and epoch >= config.epochs:
             log(f"{where}: the run is complete ({config.epochs} epochs, {done} steps); re-evaluating its EMA model")
             ev = _evaluate(session, val_data, log=log)
             log(f"val {map_line(ev)}   ({done} steps)")
+            if primary and not (out_dir / "final.json").exists():  # stopped by a signal after its last step
+                ckpt.write_json(out_dir / "final.json", {**ev, "steps": done, "seconds": None})
             return result(ev, [], [])
         if config.max_steps is not None and done >= config.max_steps:
             log(f"{where}: already at step {done} >= max_steps={config.max_steps}; nothing to train")
@@ -289,6 +306,7 @@ def train(
         stack.callback(view.end)
         say = log if primary else (lambda *_: None)
         compiled = set()  # the batch kinds (mosaic or not) stepped: each compiles once
+        preempted = False
         for (ep, k), batch in stream:
             mosaic = config.mosaic_in_epoch(ep)
             if mosaic in compiled:
@@ -302,8 +320,10 @@ def train(
                 view.start(ep, k + 1)  # the compile counts in neither the rate nor the ETA
             done += 1
             end_of_epoch = k + 1 == spe
-            stopping = config.max_steps is not None and done >= config.max_steps
-            if not (done % log_every == 0 or end_of_epoch or stopping):
+            preempted = stop.reached(done)  # every process, every step (a multi-process run agrees on the step)
+            stopping = preempted or (config.max_steps is not None and done >= config.max_steps)
+            saving = stopping or (save_every is not None and done % save_every == 0)
+            if not (done % log_every == 0 or end_of_epoch or saving):
                 continue
             # ---- log point: the only place the loop waits for the device.
             a = parallel.fetch(acc)
@@ -321,7 +341,9 @@ def train(
                 _report_failures(train_data, say)
                 epoch = ep + 1
                 erow = {"epoch": epoch, "step": done, **{k2: float(a["epoch"][k2]) / int(a["epoch_n"]) for k2 in session.names}, "epoch_s": round(time.perf_counter() - t_epoch, 2)}
-                if epoch % config.eval_every == 0 or epoch == config.epochs:
+                if preempted and (epoch % config.eval_every == 0 or epoch == config.epochs):
+                    say(f"epoch {epoch}: evaluation skipped (stopping); --resume evaluates at the end of the run")
+                elif epoch % config.eval_every == 0 or epoch == config.epochs:
                     last_eval = _evaluate(session, val_data, log=say)
                     erow.update(last_eval)
                     if progress and primary:
@@ -332,11 +354,18 @@ def train(
                 t_epoch = time.perf_counter()
             else:
                 fresh["epoch"], fresh["epoch_n"] = a["epoch"], a["epoch_n"]
-                if stopping:
+                if saving:
                     writer.save(done, state, ema, meta_now(ep, k + 1, a["epoch"], a["epoch_n"]))
             acc = jax.device_put(fresh, session.replicated)
+            if preempted:
+                break
         view.end()
         session.state, session.ema = state, ema
+        if preempted:
+            mngr.wait_until_finished()  # the checkpoint is on disk before the process may be killed
+            why = stop.signal or "preemption notice"
+            log(f"stopped by {why} at step {done} (epoch {ep + 1}/{config.epochs}, batch {k + 1}/{spe}); checkpoint in {where / 'checkpoints' / str(done)}; continue with --resume")
+            return result(None, losses, log_times, preempted=why)
         if done < config.epochs * spe:  # stopped by max_steps
             log(f"stopped at step {done} (max_steps); checkpoint in {where / 'checkpoints'}")
             return result(None, losses, log_times)
