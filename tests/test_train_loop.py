@@ -436,24 +436,87 @@ def test_resume_edge_cases(tmp_path):
 def test_python_dash_m_runs_the_cli():
     p = subprocess.run([sys.executable, "-m", "jaxyolo", "train", "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--log-every" in p.stdout and "--precision" in p.stdout and "--devices" in p.stdout
+    assert "--save-every" in p.stdout and "exit status 75" in " ".join(p.stdout.split())
 
 
 def test_log_every_and_cache_validated(tmp_path):
     with pytest.raises(ValueError, match="log_every must be a positive int"):
         train(TINY, tmp_path / "x", log_every=0, **QUIET)
+    with pytest.raises(ValueError, match="save_every must be a positive int or None, got 0"):
+        train(TINY, tmp_path / "x", save_every=0, **QUIET)
     with pytest.raises(ValueError, match="cache must be one of auto, ram, disk, none, got 'runs/cache'"):
         train(TINY, tmp_path / "x", cache="runs/cache", **QUIET)  # the old --cache DIR: now --cache disk --cache-dir DIR
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
-def test_multi_process_run_equals_one_device(tmp_path):
-    """Two processes x two CPU devices, launched with the standard coordinator
-    variables (as on a multi-host GPU/TPU cluster), streaming a dataset on
-    disk: each process decodes only the files of its half of every batch
-    (mosaic frames included; counted), the losses equal a one-device run's."""
+# A training child for the multi-process test: ``python -c _MULTI MODE OUT DATA``
+# trains 4 steps of DATA into OUT (MODE "run" | "resume" | "preempt": 1.5 s
+# a step and "step" printed after each, so that a signal sent after step 1
+# lands mid-run: JAX's SIGTERM listener polls about once a second), counting the image files its decode workers open; its last
+# line is JSON, its exit status 75 when stopped by a signal.
+_MULTI = """
+    import json, sys, time
+    import jax
+    from jaxyolo.data.stream import StreamedFrames
+    from jaxyolo.train import TrainConfig, loop, train
+    mode, out, data = sys.argv[1:]
+    opened = []
+    submit = StreamedFrames._submit
+    StreamedFrames._submit = lambda self, i, row: (opened.append(self.files[i]), submit(self, i, row))[1]
+    if mode == "preempt":
+        init = loop.Session.__init__
+        def slow_init(self, *a, **k):
+            init(self, *a, **k)
+            fast = self.train_step
+            def step(*args):
+                out = fast(*args)
+                time.sleep(1.5)
+                print("step", flush=True)
+                return out
+            self.train_step = step
+        loop.Session.__init__ = slow_init
+    cfg = TrainConfig(data=data, img_size=64, batch=8, epochs=1, max_boxes=8, warmup_min_steps=2, max_steps=4, close_mosaic=0)
+    r = train(cfg, out, resume=mode == "resume", progress=False, log=lambda m: print(m, flush=True), log_every=1, cache="none", workers=1)
+    print(json.dumps([jax.process_index(), jax.process_count(), jax.device_count(), r["losses"], opened, r["steps"], r["preempted"]]), flush=True)
+    sys.exit(75 if r["preempted"] else 0)
+"""
+
+
+def _launch_two(mode: str, out, data) -> list:
+    """Two processes x two CPU devices running :data:`_MULTI`, with the
+    standard coordinator variables (as on a multi-host GPU/TPU cluster)."""
     import socket
 
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS=_xla_flags(2), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(_MULTI), mode, str(out), str(data)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(procs):
+    """``(exit codes, last JSON line of each, (stdout, stderr) of each)``."""
+    outs = [p.communicate(timeout=900) for p in procs]
+    codes = [p.returncode for p in procs]
+    try:
+        return codes, [json.loads(o[0].strip().splitlines()[-1]) for o in outs], outs
+    except (IndexError, json.JSONDecodeError):
+        raise AssertionError(f"exit codes {codes}: " + " | ".join(o[0][-1500:] + o[1][-2500:] for o in outs)) from None
+
+
+@pytest.mark.slow
+def test_multi_process_run_equals_one_device_and_stops_at_one_step_on_sigterm(tmp_path):
+    """Two processes x two CPU devices streaming a dataset on disk: each
+    process decodes only the files of its half of every batch (mosaic frames
+    included; counted), the losses equal a one-device run's.  SIGTERM to one
+    process stops both at the same step (JAX's preemption service), each
+    exits with status 75, one joint checkpoint at that step; resumed, the
+    next steps' losses are the uninterrupted run's, bit for bit."""
     from _datasets import make_yaml_dataset
 
     from jaxyolo.data.formats import discover
@@ -461,31 +524,14 @@ def test_multi_process_run_equals_one_device(tmp_path):
     from jaxyolo.data.stream import DecodePool, open_split
 
     data_yaml, _ = make_yaml_dataset(tmp_path / "data", n_train=63, n_val=4)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    code = textwrap.dedent(f"""
-        import json, sys
-        import jax
-        from jaxyolo.data.stream import StreamedFrames
-        from jaxyolo.train import TrainConfig, train
-        opened = []
-        submit = StreamedFrames._submit
-        StreamedFrames._submit = lambda self, i, row: (opened.append(self.files[i]), submit(self, i, row))[1]
-        cfg = TrainConfig(data={str(data_yaml)!r}, img_size=64, batch=8, epochs=1, max_boxes=8, warmup_min_steps=2, max_steps=4, close_mosaic=0)
-        r = train(cfg, sys.argv[1], progress=False, log=lambda *_: None, log_every=1, cache="none", workers=1)
-        print(json.dumps([jax.process_index(), jax.process_count(), jax.device_count(), r["losses"], opened]))
-    """)
-    procs = []
-    for i in range(2):
-        env = dict(os.environ, XLA_FLAGS=_xla_flags(2), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "mh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=900) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    got = sorted(json.loads(o[0].strip().splitlines()[-1]) for o in outs)
+    codes, got, outs = _finish(_launch_two("run", tmp_path / "mh", data_yaml))
+    assert codes == [0, 0], [o[1][-2000:] for o in outs]
+    got.sort()
     assert [g[0] for g in got] == [0, 1] and all(g[1:3] == [2, 4] for g in got)
-    one = json.loads(_run_script(code.replace("sys.argv[1]", repr(str(tmp_path / "one")))).strip().splitlines()[-1])
+    env = dict(os.environ, XLA_FLAGS=_xla_flags(1))
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(_MULTI), "run", str(tmp_path / "one"), str(data_yaml)], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = json.loads(p.stdout.strip().splitlines()[-1])
     assert one[1:3] == [1, 1]
     np.testing.assert_allclose(got[0][3][0], one[3][0], rtol=1e-5)
     np.testing.assert_allclose(got[0][3], one[3], rtol=2e-3)  # see the 4-device test
@@ -495,12 +541,27 @@ def test_multi_process_run_equals_one_device(tmp_path):
     spec = discover(data_yaml, "train")
     with DecodePool(0) as pool:
         index = open_split(spec, img_size=64, pool=pool)
-        for p in range(2):
-            rows = TrainBatches(index, batch_size=8, max_boxes=8, seed=0, process_index=p, process_count=2)
-            mine = {str(spec.files[i]) for k in range(4) for i in rows.indices(0, k, mosaic=True).ravel()}
-            assert sorted(got[p][4]) == sorted(mine)
+        for k in range(2):
+            rows = TrainBatches(index, batch_size=8, max_boxes=8, seed=0, process_index=k, process_count=2)
+            mine = {str(spec.files[i]) for j in range(4) for i in rows.indices(0, j, mosaic=True).ravel()}
+            assert sorted(got[k][4]) == sorted(mine)
         index.close()
     assert len(set(got[0][4])) < len(spec.files) and len(set(got[1][4])) < len(spec.files)  # neither opened the whole set
     # Only process 0 wrote the logs; the checkpoint is one, written jointly.
     assert len(_rows(tmp_path / "mh" / "steps.csv")) == 4
     assert ckpt.manager(tmp_path / "mh").latest_step() == 4
+
+    # Preemption: SIGTERM to process 1 after its first step.
+    procs = _launch_two("preempt", tmp_path / "pre", data_yaml)
+    _signal_after(procs[1], 1)
+    codes, pre, outs = _finish(procs)
+    assert codes == [75, 75], [o[1][-2000:] for o in outs]
+    s = pre[0][5]
+    assert pre[1][5] == s and 1 <= s < 4 and pre[0][6] == pre[1][6] == "preemption notice"
+    for o in outs:
+        assert f"stopped by preemption notice at step {s} (epoch 1/1, batch {s}/" in o[0], o[0]
+    assert pre[0][3] == pre[1][3] == got[0][3][:s]
+    assert ckpt.manager(tmp_path / "pre").latest_step() == s
+    codes, rest, outs = _finish(_launch_two("resume", tmp_path / "pre", data_yaml))
+    assert codes == [0, 0], [o[1][-2000:] for o in outs]
+    assert rest[0][3] == rest[1][3] == got[0][3][s:]
