@@ -138,6 +138,28 @@ def test_a_dead_worker_is_replaced_and_a_dying_one_stops_the_run(yaml_spec, monk
         data.close()
 
 
+def test_workers_outlive_sigint_and_sigterm(yaml_spec):
+    """Ctrl-C and a VM's shutdown signal every process: the decode workers
+    keep decoding for the steps the trainer runs until it stops
+    (jaxyolo.train.preempt), and end when their stdin closes."""
+    import signal
+    import time
+
+    with DecodePool(1) as pool:
+        data = open_split(yaml_spec, img_size=S, pool=pool, cache="none", ring=8)
+        data.images[np.arange(2)]
+        proc = pool._procs[0]
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            proc.send_signal(sig)
+        time.sleep(0.5)
+        frames, _, ok = data.images.collect(data.images.request(np.arange(2, 5)))
+        assert ok.all() and proc.poll() is None and pool._procs[0] is proc  # the same worker, alive
+        for f, i in zip(frames, (2, 3, 4)):
+            np.testing.assert_array_equal(f, letterbox(decode_image(yaml_spec.files[i]), S)[0])
+        data.close()
+    assert proc.wait(timeout=10) == 0  # closed by the pool
+
+
 def test_choose_cache():
     gb = 2**30
     n = 1000  # x 640 x 640 x 3 = 1.14 GiB decoded

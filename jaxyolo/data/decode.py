@@ -205,8 +205,18 @@ def run_task(task, buffers: dict):
 
 
 def serve(inp=None, out=None) -> None:
-    """The worker loop: :func:`run_task` for each task on stdin, until it closes."""
+    """The worker loop: :func:`run_task` for each task on stdin, until it closes.
+
+    As a worker process (``out`` None) it ignores SIGINT and SIGTERM: Ctrl-C
+    reaches the whole foreground process group, and a preempted VM's
+    shutdown signals every process, but the trainer stops at a step boundary
+    (:mod:`jaxyolo.train.preempt`) and needs its decodes until then.  The
+    worker ends when the trainer closes its stdin, or dies (EOF)."""
     if out is None:  # keep fd 1 for replies; stray prints from libraries go to stderr
+        import signal
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
         out = os.fdopen(os.dup(1), "wb")
         os.dup2(2, 1)
     inp = inp or sys.stdin.buffer
