@@ -36,9 +36,12 @@ __all__ = [
     "PALETTE",
     "Detections",
     "draw_detections",
+    "font_size",
     "iter_predictions",
+    "line_width",
     "list_images",
     "nms_predict_fn",
+    "place_labels",
     "predict_paths",
     "save_prediction",
     "unletterbox_boxes",
@@ -137,6 +140,41 @@ def line_width(orig_shape) -> int:
     return max(round(sum(orig_shape) / 2 * 0.003), 2)
 
 
+def font_size(orig_shape) -> int:
+    """The label font's size in px: upstream's ``Annotator`` (PIL)
+    ``max(round((h + w) / 2 * 0.035), 12)``, capped at a tenth of the
+    shorter side (at least 8 px; the cap binds only under 120 px), so that a
+    label on a tiny image is not half its width."""
+    up = max(round(sum(orig_shape) / 2 * 0.035), 12)
+    return min(up, max(min(orig_shape) // 10, 8))
+
+
+def place_labels(boxes, sizes, orig_shape) -> np.ndarray:
+    """Where each box's label goes: ``(N, 4)`` int ``x1, y1, x2, y2`` (end exclusive).
+
+    ``boxes`` ``(N, 4)`` pixel xyxy in placement order (the best box first),
+    ``sizes`` ``(N, 2)`` each label's ``(width, height)`` in px,
+    ``orig_shape`` ``(h, w)``.  A label starts at its box's left edge, above
+    the box; where that would cover a label already placed it goes inside the
+    box's top, then below the box, then inside its bottom; if all four cover
+    one, the place covering the least.  Every place is moved into the image
+    (upstream's ``Annotator`` shifts a label left at the right edge; a label
+    wider than the image starts at 0)."""
+    h, w = orig_shape
+    placed = []
+    for (x1, y1, x2, y2), (tw, th) in zip(np.asarray(boxes, np.int64).tolist(), np.asarray(sizes, np.int64).tolist()):
+        x = min(max(x1, 0), max(w - tw, 0))
+        spots = [(x, min(max(y, 0), max(h - th, 0))) for y in (y1 - th, y1, y2, y2 - th)]
+
+        def covered(spot):
+            sx, sy = spot
+            return sum(max(0, min(sx + tw, b[2]) - max(sx, b[0])) * max(0, min(sy + th, b[3]) - max(sy, b[1])) for b in placed)
+
+        sx, sy = next((sp for sp in spots if covered(sp) == 0), None) or min(spots, key=covered)
+        placed.append((sx, sy, sx + tw, sy + th))
+    return np.asarray(placed, np.int64).reshape(-1, 4)
+
+
 def draw_detections(image: np.ndarray, det: Detections, names) -> np.ndarray:
     """Draw ``det`` on ``image``.
 
@@ -148,31 +186,36 @@ def draw_detections(image: np.ndarray, det: Detections, names) -> np.ndarray:
     Returns:
       ``(h, w, 3)`` uint8: box outlines ``line_width`` px wide inside the
       box's pixel bounds, in ``PALETTE[class % 20]``; a label ``"name 0.87"``
-      on a filled background of the same colour above the box (inside it when
-      there is no room above).  Lower scores are drawn first, so the best
-      boxes stay on top.
+      in a :func:`font_size` font on a filled background of the same colour,
+      inside the image, above the box unless that covers a better box's
+      label (:func:`place_labels`).  Lower scores are drawn first, so the
+      best boxes stay on top.
     """
     from PIL import Image, ImageDraw, ImageFont
 
     im = Image.fromarray(np.ascontiguousarray(image))
     draw = ImageDraw.Draw(im)
     lw = line_width(det.orig_shape)
+    pad = max(lw // 2, 1)  # text inset in its background
     try:
-        font = ImageFont.load_default(size=max(2 * lw + 8, 12))
+        font = ImageFont.load_default(size=font_size(det.orig_shape))
     except (OSError, TypeError, ValueError):  # Pillow without FreeType
         font = ImageFont.load_default()
-    for i in np.argsort(det.scores, kind="stable"):  # ascending score: the best drawn last, on top
-        c = int(det.classes[i])
-        color = PALETTE[c % len(PALETTE)]
-        x1, y1, x2, y2 = (int(round(v)) for v in det.boxes[i])
+    best_first = np.argsort(-det.scores, kind="stable")
+    boxes = np.round(det.boxes).astype(np.int64)
+    labels = [f"{names[c] if 0 <= c < len(names) else c} {float(s):.2f}" for c, s in zip(det.classes.tolist(), det.scores)]
+    extents = [draw.textbbox((0, 0), label, font=font) for label in labels]
+    sizes = [(r - l + 2 * pad, b - t + 2 * pad) for l, t, r, b in extents]
+    spots = np.zeros((len(det), 4), np.int64)
+    spots[best_first] = place_labels(boxes[best_first], np.asarray(sizes).reshape(-1, 2)[best_first], det.orig_shape)
+    for i in best_first[::-1]:  # ascending score: the best drawn last, on top
+        color = PALETTE[int(det.classes[i]) % len(PALETTE)]
+        x1, y1, x2, y2 = boxes[i].tolist()
         x2, y2 = max(x2 - 1, x1), max(y2 - 1, y1)  # Pillow includes the end pixel
         draw.rectangle([x1, y1, x2, y2], outline=color, width=lw)
-        label = f"{names[c] if 0 <= c < len(names) else c} {float(det.scores[i]):.2f}"
-        l, t, r, b = draw.textbbox((0, 0), label, font=font)
-        tw, th = r - l + 2 * lw, b - t + 2 * lw
-        ty = y1 - th if y1 >= th else y1  # outside the box when it fits
-        draw.rectangle([x1, ty, x1 + tw - 1, ty + th - 1], fill=color)
-        draw.text((x1 + lw - l, ty + lw - t), label, fill=_text_color(color), font=font)
+        lx1, ly1, lx2, ly2 = spots[i].tolist()
+        draw.rectangle([lx1, ly1, lx2 - 1, ly2 - 1], fill=color)
+        draw.text((lx1 + pad - extents[i][0], ly1 + pad - extents[i][1]), labels[i], fill=_text_color(color), font=font)
     return np.asarray(im)
 
 

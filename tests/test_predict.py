@@ -12,10 +12,12 @@ from jaxyolo.predict import (
     PALETTE,
     Detections,
     draw_detections,
+    font_size,
     iter_predictions,
     line_width,
     list_images,
     nms_predict_fn,
+    place_labels,
     predict_paths,
     save_prediction,
     yolo_txt_lines,
@@ -151,6 +153,39 @@ def test_drawn_boxes_and_labels(photos):
     # the two people: their colour is PALETTE[0] along their left edges
     for x1, y1, x2, y2, *_ in known[:2]:
         assert (out[int((y1 + y2) // 2), int(x1) : int(x1) + lw] == PALETTE[0]).all()
+
+
+def test_labels_scale_with_the_image_and_stay_inside_it_without_covering_each_other():
+    """On a 128 px image: a 12 px font (upstream's minimum; 35 px on zidane.jpg
+    as upstream's Annotator, 8 px at 64 px), every label inside the image,
+    none covering another where a free place exists, the best box's label
+    above it; what is drawn is where place_labels says."""
+    assert [font_size(s) for s in ((720, 1280), (640, 640), (128, 128), (96, 96), (64, 64), (32, 400))] == [35, 22, 12, 9, 8, 8]
+    assert [line_width(s) for s in ((720, 1280), (128, 128))] == [3, 2]
+    img = np.full((128, 128, 3), 200, np.uint8)
+    boxes = np.array([[60, 20, 100, 60], [100, 22, 128, 62], [5, 5, 40, 40], [10, 70, 50, 120], [52, 72, 90, 118], [95, 80, 127, 127]], np.float32)
+    det = Detections(Path("x.png"), (128, 128), boxes, np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.45], np.float32), np.arange(6, dtype=np.int32))
+    names = ["circle", "square", "triangle", "star", "cross", "ring"]
+    out = draw_detections(img, det, names)
+    sizes = [(58, 15), (62, 15), (72, 15), (48, 15), (58, 15), (50, 15)]
+    spots = place_labels(boxes, sizes, (128, 128))
+    assert (spots[:, :2] >= 0).all() and (spots[:, 2:] <= 128).all()
+    assert spots[0].tolist() == [60, 20 - 15, 60 + 58, 20]  # the best: above its box
+    assert spots[1, 2] == 128  # at the right edge: moved left into the image
+    for i in range(6):
+        for j in range(i):
+            a, b = spots[i], spots[j]
+            assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (i, j, spots)
+    # Each drawn label's background: the box colour fills most of the place it was given.
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=12)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    drawn = [(r - l + 2, b - t + 2) for l, t, r, b in (draw.textbbox((0, 0), f"{n} {s:.2f}", font=font) for n, s in zip(names, det.scores))]
+    for k, (x1, y1, x2, y2) in enumerate(place_labels(boxes, drawn, (128, 128)).tolist()):
+        assert x2 <= 128 and y2 <= 128
+        patch = out[y1:y2, x1:x2]
+        assert (patch == PALETTE[k]).all(-1).mean() > 0.4, k
 
 
 def test_save_prediction_writes_image_and_txt(photos, tmp_path):
