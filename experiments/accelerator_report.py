@@ -89,7 +89,7 @@ PACKAGES = ("torch", *sorted(set(LOSS_PACKAGES.values())), "cv2")
 
 STREAM_IMAGES = 2000
 MAKE_FOLDER = ('import sys; from pathlib import Path; sys.path.insert(0, "experiments"); '
-               f'from bench_data import make_folder; make_folder(Path("experiments/.bench-data"), {STREAM_IMAGES})')
+               f'from bench_data import make_folder; make_folder(Path("experiments/.bench-data").resolve(), {STREAM_IMAGES})')
 
 
 @dataclasses.dataclass(frozen=True)
