@@ -19,7 +19,8 @@ same predictions (``_bench_common.gradient_floor_ms``): no ``value_and_grad``
 of a loss can be faster on this machine.  Medians over ``repeats`` timed calls
 after one warm-up; the JAX time blocks on the result, the CUDA time
 synchronises after each call.  ``--json FILE`` also writes the rows as JSON
-(``-``: to stdout, with the table on stderr).
+(``-``: to stdout, with the table on stderr); a FILE is rewritten after every
+row, so a run stopped half way keeps the rows it finished.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ def table(rows):
             both = ", ".join(f"{name} {ms:.2f} ms" for name, ms in r["paths"].items())
             lines.append(f"- {NAMES[r['family']]} B={r['batch']}: {both} (the first is the auto path)")
     return "\n".join(lines)
+
+
+def write_json(path, header, rows):
+    """Write ``header`` with ``rows`` to ``path`` (replaced whole, never half written)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(dict(header, rows=rows), indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -106,15 +115,12 @@ def main(argv=None) -> int:
                                                       repeats=args.repeats, seed=args.seed, **extra)
             rows.append(r)
             print(f"{NAMES[family]} B={batch}: {r['notes']}; compile {r['compile_s']:.1f} s", file=out, flush=True)
+            if args.json and args.json != "-":  # after every row: a run stopped half way keeps its rows
+                write_json(args.json, header, rows)
     print(file=out)
     print(table(rows), file=out)
-    if args.json:
-        doc = json.dumps(dict(header, rows=rows), indent=1)
-        if args.json == "-":
-            print(doc)
-        else:
-            with open(args.json, "w") as f:
-                f.write(doc + "\n")
+    if args.json == "-":
+        print(json.dumps(dict(header, rows=rows), indent=1))
     return 0
 
 

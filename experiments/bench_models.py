@@ -2,6 +2,7 @@
 
     python experiments/bench_models.py                       # yolov8n, yolo11n, yolov5n, yolox-nano; B=16, 640x640
     python experiments/bench_models.py --models yolov8n --batch 4 --img 320 --repeats 3
+    python experiments/bench_models.py --json rows.json     # also the rows as JSON
 
 For each model, one forward + backward of the model *with its matching loss*
 (train-mode BatchNorm), timed on both sides:
@@ -30,6 +31,7 @@ GPUs both use TF32 for convolutions by default).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -166,6 +168,27 @@ def bench_one(name, *, batch, img, nc, max_gt, repeats, seed, device, floor=Fals
                 jax_loss=jax_loss, torch_loss=torch_loss, boxes=int(np.asarray(targets.mask).sum()))
 
 
+def table(rows, *, floor=False):
+    """The markdown table of ``bench_one``'s rows (with the conv-only columns when ``floor``)."""
+    cols = (" conv-only ms | largest speed-up |", " --- | --- |") if floor else ("", "")
+    lines = ["| model | jaxyolo ms | upstream ms | speed-up |" + cols[0] + " compile s | loss jaxyolo | loss upstream | boxes |",
+             "| --- | --- | --- | --- |" + cols[1] + " --- | --- | --- | --- |"]
+    for r in rows:
+        extra = f" {r['floor_ms']:.1f} | {r['torch_ms'] / r['floor_ms']:.2f}x |" if floor else ""
+        lines.append(f"| {r['name']} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | {r['ratio']:.2f}x |{extra} {r['compile_s']:.1f} | "
+                     f"{r['jax_loss']:.6g} | {r['torch_loss']:.6g} | {r['boxes']} |")
+    return "\n".join(lines)
+
+
+def write_json(path, header, rows):
+    """Write ``header`` with ``rows`` to ``path`` (replaced whole, never half written)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(header, rows=rows), f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -177,6 +200,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--floor", action="store_true",
                    help="also time the conv-only network (BatchNorm and SiLU skipped): the largest speed-up it allows")
+    p.add_argument("--json", metavar="FILE", help="also write the header and rows as JSON to FILE (after every model)")
     args = p.parse_args(argv)
 
     import jax
@@ -194,6 +218,9 @@ def main(argv=None):
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
           f"torch {t.__version__} on {device} ({t.get_num_threads()} threads); "
           f"B={args.batch}, {args.img}x{args.img}, nc={args.nc}, median of {args.repeats}", flush=True)
+    header = dict(jax=jax.__version__, jax_backend=jax.default_backend(), jax_device=jax.devices()[0].device_kind,
+                  torch=t.__version__, torch_device=device.type, machine=cpu_description(), load=quiet,
+                  batch=args.batch, img=args.img, nc=args.nc, max_gt=args.max_gt, repeats=args.repeats)
     rows = []
     for name in args.models.split(","):
         t0 = time.perf_counter()
@@ -201,14 +228,10 @@ def main(argv=None):
                       seed=args.seed, device=device, floor=args.floor)
         rows.append(r)
         print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.json:  # after every model: a run stopped half way keeps its rows
+            write_json(args.json, header, rows)
     print()
-    floor = (" conv-only ms | largest speed-up |", " --- | --- |") if args.floor else ("", "")
-    print("| model | jaxyolo ms | upstream ms | speed-up |" + floor[0] + " compile s | loss jaxyolo | loss upstream | boxes |")
-    print("| --- | --- | --- | --- |" + floor[1] + " --- | --- | --- | --- |")
-    for r in rows:
-        extra = f" {r['floor_ms']:.1f} | {r['torch_ms'] / r['floor_ms']:.2f}x |" if args.floor else ""
-        print(f"| {r['name']} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | {r['ratio']:.2f}x |{extra} {r['compile_s']:.1f} | "
-              f"{r['jax_loss']:.6g} | {r['torch_loss']:.6g} | {r['boxes']} |")
+    print(table(rows, floor=args.floor))
     return rows
 
 

@@ -4,6 +4,7 @@
     python experiments/bench_train.py                        # the default `jaxyolo train` config
     python experiments/bench_train.py --model small --img-size 640 --batch 32
     python experiments/bench_train.py --stream --img-size 640 --batch 16 --steps 40 --warmup 10 --log-every 10
+    python experiments/bench_train.py --tiny --json row.json  # also the figures as JSON
 
 Prints, for one config, on JAX's default backend:
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -55,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-augment", action="store_true", help="turn every augmentation off (default: the trainer's defaults, mosaic on)")
     p.add_argument("--stream", nargs="?", const="", default=None, metavar="DATA_YAML", help="stream JPEG files (default: bench_data.py's 2000-image folder)")
     p.add_argument("--workers", type=int, default=2, help="decode processes with --stream")
+    p.add_argument("--json", metavar="FILE", help="also write the config and the figures as JSON to FILE")
     args = p.parse_args(argv)
 
     import jax
@@ -147,6 +150,17 @@ def main(argv=None) -> int:
     print(f"(b) real loop:               {loop_ms:8.2f} ms/step   (mean loss over the run {np.mean(res['losses']):.4g})")
     print(f"(c) input pipeline alone:    {pipe_bps:8.1f} batches/s ({1e3 / pipe_bps:.2f} ms/batch)")
     print(f"efficiency {step_ms / loop_ms:.3f}")
+    if args.json:
+        row = dict(jax=jax.__version__, jax_backend=jax.default_backend(), devices=len(jax.devices()), cpu_cores=os.cpu_count(),
+                   loss=cfg.loss, model=cfg.model, img_size=cfg.img_size, batch=cfg.batch, precision=cfg.precision,
+                   train_size=len(train_data), augment=not args.no_augment, stream=args.stream is not None,
+                   workers=args.workers if args.stream is not None else None, steps=args.steps, warmup=args.warmup,
+                   log_every=args.log_every, step_ms=step_ms, step_ms_before=before, step_ms_after=after,
+                   loop_ms=loop_ms, pipeline_batches_per_s=pipe_bps, efficiency=step_ms / loop_ms,
+                   mean_loss=float(np.mean(res["losses"])))
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=1)
+            f.write("\n")
     return 0
 
 
