@@ -1,7 +1,7 @@
 """Every figure an accelerator slot should bring back, in one command.
 
     python experiments/accelerator_report.py                  # full sizes: fits 8 min on one H100/H200
-    python experiments/accelerator_report.py --quick          # CPU sizes (the 2-core CPU: see the README)
+    python experiments/accelerator_report.py --quick          # CPU sizes (the 2-core CPU: see docs/speed.md)
     python experiments/accelerator_report.py --only losses main --dry-run
     python experiments/accelerator_report.py --tables experiments/results/gpu-NVIDIA_H100_80GB_HBM3.json
 
@@ -18,7 +18,7 @@ Parts, in order of priority (full sizes; ``--quick`` in brackets):
 
 * ``losses``: ``bench_losses.py``, the four losses at B 16 and 64, 640 px,
   both assignment paths, median of 10 [B 16, 320 px, median of 5].
-* ``main``: the README main command (``bash scripts/train.sh`` without its
+* ``main``: the main command (``bash scripts/train.sh`` without its
   venv set-up: ``jaxyolo train`` with every default) into a temporary
   ``--out``, timed from the process start to its exit; mAP from its
   ``final.json`` [2 epochs, the second without mosaic, 320 train / 80 val
@@ -44,7 +44,7 @@ upstream on CUDA at B 16 and 64; the YOLOX loss at B 64 in at most 5 ms.
 Writes ``experiments/results/<backend>-<device kind>.json`` (``-quick``
 before ``.json`` with ``--quick``; ``--out FILE``) after every part, each
 part's whole console to ``runs/accelerator_report/<that name>/<part>.log``,
-and at the end prints the README's tables, the goal verdicts and what it
+and at the end prints the tables of docs/speed.md, the goal verdicts and what it
 skipped.
 """
 

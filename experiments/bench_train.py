@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--steps", type=int, default=200, help="timed steps (>= 200 for the figure the README quotes)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps (>= 200 for the figure docs/speed.md quotes)")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--devices", type=int, default=None)

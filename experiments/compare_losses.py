@@ -5,7 +5,7 @@
 Every run uses the default :class:`jaxyolo.train.TrainConfig` (embedded data,
 pico backbone, same images, epochs, batches, optimiser and schedule) and
 differs only in the head + loss.  Writes ``<out>/<loss>/`` (the usual run
-directories), ``<out>/compare_losses.png`` (val mAP per epoch and training
+directories), ``docs/img/compare_losses.png`` (val mAP per epoch and training
 loss curves) and ``<out>/compare_losses.json`` / ``.md`` (final numbers).
 """
 
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 from jaxyolo.train import TrainConfig, train
+
+DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 
 
 def _read(path):
@@ -55,7 +57,7 @@ def plot(out: Path, losses):
     a2.grid(alpha=0.3)
     a2.legend()
     fig.tight_layout()
-    fig.savefig(out / "compare_losses.png", dpi=100)
+    fig.savefig(DOCS_IMG / "compare_losses.png", dpi=100)  # shown in docs/training.md
     plt.close(fig)
 
 

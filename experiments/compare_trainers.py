@@ -26,7 +26,7 @@ The ultralytics trainer needs ``polars`` (it reads its results CSV with it at
 every save): ``pip install polars`` into the venv; the test venv, which
 installs ultralytics ``--no-deps``, does not have it.
 
-Writes ``<out>/compare_trainers.json`` and ``.md`` (the table the README
+Writes ``<out>/compare_trainers.json`` and ``.md`` (the table docs/training.md
 shows).  Results of trainers already in the json are kept (``--trainers``
 picks the ones to (re)run; ``--eval-only`` re-scores the existing models).
 """

@@ -8,7 +8,7 @@ One option today, on the CPU only:
   YNNPACK by default; for the convolutions of a YOLO train step (small channel
   counts, the weight gradients as convolutions with a window the size of the
   feature map) XLA's Eigen convolutions are faster: the yolov8n train step at
-  B 16, 128x128 went from 300-314 ms to 197-259 ms on a 2-core Xeon (README,
+  B 16, 128x128 went from 300-314 ms to 197-259 ms on a 2-core Xeon (docs/speed.md,
   *Speed* of the architectures).  Turning every YNNPACK fusion off instead is
   slower (412 ms): its BatchNorm reductions are the fast ones.
 

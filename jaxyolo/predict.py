@@ -84,7 +84,7 @@ def list_images(source) -> list:
     """An image file, or a folder's images (not recursive), sorted.
 
     Raises:
-      DataError if ``source`` does not exist, is not an image, or holds none.
+      DataError: ``source`` does not exist, is not an image, or holds none.
     """
     p = Path(source)
     if p.is_file():

@@ -6,7 +6,7 @@ jax 0.10.2, float32), on three code paths: the machine the tests were written
 on, an Intel Xeon with AVX-512, and the same Xeon with
 ``XLA_FLAGS=--xla_cpu_max_isa=AVX2``.  XLA's float32 code differs with the
 instruction set and the discrete label assignment amplifies that, so a run is
-reproducible on one machine only (README, *Reproducibility*); each threshold
+reproducible on one machine only (docs/training.md, *Reproducibility*); each threshold
 sits below the lowest of the three values by about the spread between them.
 Those values were pycocotools' mAP of the single-label evaluation NMS of the time; since issue 23 the
 evaluation is ``yolo val``'s (multi-label NMS, its metric: ``res["map50"]``), re-measured on the Xeon

@@ -1,6 +1,6 @@
 """Hostile predictions and targets: a finite loss never hides a non-finite gradient.
 
-The policy (README, "Numerics worth knowing"):
+The policy (docs/losses.md, "Numerics worth knowing"):
 
 * a finite value comes with finite gradients, for every loss, level and position;
 * a prediction upstream ignores (the box / class channels of an anchor that is no

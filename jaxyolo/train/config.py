@@ -92,18 +92,18 @@ class TrainConfig:
       grad_clip: max global gradient norm (None: no clipping).
       ema_decay, ema_tau: ModelEMA ``d = ema_decay * (1 - exp(-updates / tau))``;
         ``ema_tau=None`` picks ``total_steps / 5`` (see :func:`ema_tau_for`).
-      mosaic, degrees, translate, scale, shear, perspective, hsv_h, hsv_s,
-        hsv_v, flipud, fliplr: the augmentations at ultralytics' default
-        strengths (:class:`jaxyolo.data.augment.AugmentConfig`; 0 disables
-        one), run on the device inside the train step, drawn from ``(seed,
-        step)``; ``mosaic`` is the probability of a 4-image mosaic.
+      mosaic, degrees, translate, scale, shear, perspective, hsv_h, hsv_s, hsv_v, flipud, fliplr:
+        the augmentations at ultralytics' default strengths
+        (:class:`jaxyolo.data.augment.AugmentConfig`; 0 disables one), run on
+        the device inside the train step, drawn from ``(seed, step)``;
+        ``mosaic`` is the probability of a 4-image mosaic.
       mosaic_buffer: 0: a mosaic's 3 other images are drawn from the whole
         dataset; W > 0: from the samples of the last W batches, the
         deterministic form of ultralytics' buffer (``max_buffer_length`` =
         8 batches there), which lets a streamed dataset decode ~1 image per
         sample instead of 4 (:class:`jaxyolo.data.TrainBatches`).
       close_mosaic: no mosaic in the last this many epochs (ultralytics
-        defaults to 10 of 100+ epochs; here 4 of the default 12, see the README).
+        defaults to 10 of 100+ epochs; here 4 of the default 12, see docs/training.md).
       precision: ``"fp32"`` or ``"bf16"``: convolutions and activations in
         bfloat16; parameters, optimiser state, EMA and BatchNorm statistics
         in float32, and the losses computed in float32.
