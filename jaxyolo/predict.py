@@ -142,11 +142,11 @@ def line_width(orig_shape) -> int:
 
 def font_size(orig_shape) -> int:
     """The label font's size in px: upstream's ``Annotator`` (PIL)
-    ``max(round((h + w) / 2 * 0.035), 12)``, capped at a tenth of the
-    shorter side (at least 8 px; the cap binds only under 120 px), so that a
-    label on a tiny image is not half its width."""
+    ``max(round((h + w) / 2 * 0.035), 12)``, capped at 8 % of the shorter
+    side (at least 8 px; the cap binds only under 150 px), so that a label
+    on a tiny image is not half its width: 10 px at 128 px."""
     up = max(round(sum(orig_shape) / 2 * 0.035), 12)
-    return min(up, max(min(orig_shape) // 10, 8))
+    return min(up, max(round(min(orig_shape) * 0.08), 8))
 
 
 def place_labels(boxes, sizes, orig_shape) -> np.ndarray:
@@ -188,8 +188,8 @@ def draw_detections(image: np.ndarray, det: Detections, names) -> np.ndarray:
       box's pixel bounds, in ``PALETTE[class % 20]``; a label ``"name 0.87"``
       in a :func:`font_size` font on a filled background of the same colour,
       inside the image, above the box unless that covers a better box's
-      label (:func:`place_labels`).  Lower scores are drawn first, so the
-      best boxes stay on top.
+      label (:func:`place_labels`).  The outlines are drawn first, then the
+      labels over them; lower scores first, so the best stay on top.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -208,11 +208,13 @@ def draw_detections(image: np.ndarray, det: Detections, names) -> np.ndarray:
     sizes = [(r - l + 2 * pad, b - t + 2 * pad) for l, t, r, b in extents]
     spots = np.zeros((len(det), 4), np.int64)
     spots[best_first] = place_labels(boxes[best_first], np.asarray(sizes).reshape(-1, 2)[best_first], det.orig_shape)
+    colors = [PALETTE[int(c) % len(PALETTE)] for c in det.classes]
     for i in best_first[::-1]:  # ascending score: the best drawn last, on top
-        color = PALETTE[int(det.classes[i]) % len(PALETTE)]
         x1, y1, x2, y2 = boxes[i].tolist()
         x2, y2 = max(x2 - 1, x1), max(y2 - 1, y1)  # Pillow includes the end pixel
-        draw.rectangle([x1, y1, x2, y2], outline=color, width=lw)
+        draw.rectangle([x1, y1, x2, y2], outline=colors[i], width=lw)
+    for i in best_first[::-1]:  # the labels over every outline
+        color = colors[i]
         lx1, ly1, lx2, ly2 = spots[i].tolist()
         draw.rectangle([lx1, ly1, lx2 - 1, ly2 - 1], fill=color)
         draw.text((lx1 + pad - extents[i][0], ly1 + pad - extents[i][1]), labels[i], fill=_text_color(color), font=font)

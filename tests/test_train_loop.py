@@ -462,9 +462,10 @@ def test_log_every_and_cache_validated(tmp_path):
 
 
 # A training child for the multi-process test: ``python -c _MULTI MODE OUT DATA``
-# trains 4 steps of DATA into OUT (MODE "run" | "resume" | "preempt": 1.5 s
+# trains 4 steps of DATA into OUT (MODE "run" | "resume" | "preempt": 2.5 s
 # a step and "step" printed after each, so that a signal sent after step 1
-# lands mid-run: JAX's SIGTERM listener polls about once a second), counting the image files its decode workers open; its last
+# stops the run before step 4: JAX's SIGTERM listener polls about once a
+# second, and the processes then agree on the largest step counter plus one), counting the image files its decode workers open; its last
 # line is JSON, its exit status 75 when stopped by a signal.
 _MULTI = """
     import json, sys, time
@@ -482,7 +483,7 @@ _MULTI = """
             fast = self.train_step
             def step(*args):
                 out = fast(*args)
-                time.sleep(1.5)
+                time.sleep(2.5)
                 print("step", flush=True)
                 return out
             self.train_step = step

@@ -193,9 +193,11 @@ def train(
       the run at step ``steps`` with a checkpoint: ``"SIGTERM"``,
       ``"SIGINT"``, or ``"preemption notice"`` when another process of a
       multi-process run got the signal; ``map50`` is then None).  Called
-      from the main thread, the signals are caught for the whole call (the
-      steps before the training loop starts included); from another thread,
-      not at all.
+      from the main thread, the signals are caught from the first training
+      step (its compile included) to the end of the last epoch (a signal
+      during the last epoch's evaluation lets the run finish; one during
+      the set-up acts as without jaxyolo: there is no training to lose);
+      from another thread, not at all.
     """
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
@@ -210,7 +212,6 @@ def train(
     where = out_dir.absolute()  # in messages: the user may have started elsewhere (scripts/train.sh cds)
     mesh = parallel.make_mesh(devices)
     with contextlib.ExitStack() as stack:
-        stop = stack.enter_context(StopSignals())
         meta = lock = None
         if resume:
             if not (out_dir / "checkpoints").is_dir():
@@ -307,6 +308,7 @@ def train(
         say = log if primary else (lambda *_: None)
         compiled = set()  # the batch kinds (mosaic or not) stepped: each compiles once
         preempted = False
+        stop = stack.enter_context(StopSignals())  # from the first step to the last (see the docstring)
         for (ep, k), batch in stream:
             mosaic = config.mosaic_in_epoch(ep)
             if mosaic in compiled:
@@ -359,6 +361,7 @@ def train(
             acc = jax.device_put(fresh, session.replicated)
             if preempted:
                 break
+        stop.restore()
         view.end()
         session.state, session.ema = state, ema
         if preempted:

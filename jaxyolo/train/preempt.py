@@ -26,7 +26,8 @@ one).  There SIGTERM is left to that service, and SIGINT is forwarded to it
 handler: the signals act as without jaxyolo.
 
 The handlers are installed only from the main thread (Python's rule for
-``signal.signal``) and the previous ones are restored when the run ends.
+``signal.signal``), for the training loop: from the first step (its
+compile included) to the last; the previous ones are restored after it.
 """
 
 from __future__ import annotations
@@ -75,7 +76,6 @@ class StopSignals:
 
     def __init__(self):
         self.signal: str | None = None
-        self.active = False  # handlers installed, or the preemption service listening
         self._sync = None
         self._previous = {}
 
@@ -93,10 +93,13 @@ class StopSignals:
             if s == signal.SIGTERM and self._sync is not None:
                 continue  # the preemption service's own handler (jax.distributed.initialize)
             self._previous[s] = signal.signal(s, self._handle)
-        self.active = True
         return self
 
     def __exit__(self, *exc):
+        self.restore()
+
+    def restore(self):
+        """Put the previous handlers back (again: a no-op)."""
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
