@@ -336,24 +336,36 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     assert resumed["losses"] == full["losses"][2:]
 
 
+# The start of a training child's script: ``slow_steps(s)`` makes every
+# train step take ``s`` seconds longer and print "step" after it, so that a
+# signal sent after step N lands mid-run.
+_SLOW_STEPS = """
+    import time
+    from jaxyolo.train import loop
+    def slow_steps(seconds):
+        init = loop.Session.__init__
+        def slow_init(self, *a, **k):
+            init(self, *a, **k)
+            fast = self.train_step
+            def step(*args):
+                out = fast(*args)
+                time.sleep(seconds)
+                print("step", flush=True)
+                return out
+            self.train_step = step
+        loop.Session.__init__ = slow_init
+"""
+
 # A child that trains through the CLI (its exit status is tested) with
 # ~0.3 s per step (a signal sent after step N lands mid-epoch), printing
 # "step" after each, and whose first checkpoint write after a signal sends it
 # a second SIGTERM (the save must not be disturbed by it).
-_SLOW_CLI = """
-    import os, signal, sys, time
+_SLOW_CLI = _SLOW_STEPS + """
+    import os, signal, sys
     from jaxyolo import cli
-    from jaxyolo.train import checkpoint as ckpt, loop, preempt
-    init, handle, save = loop.Session.__init__, preempt.StopSignals._handle, ckpt.save
-    def slow_init(self, *a, **k):
-        init(self, *a, **k)
-        fast = self.train_step
-        def step(*args):
-            out = fast(*args)
-            time.sleep(0.3)
-            print("step", flush=True)
-            return out
-        self.train_step = step
+    from jaxyolo.train import checkpoint as ckpt, preempt
+    slow_steps(0.3)
+    handle, save = preempt.StopSignals._handle, ckpt.save
     got = []
     def handle_(self, signum, frame):
         got.append(signum)
@@ -363,7 +375,7 @@ _SLOW_CLI = """
             os.kill(os.getpid(), signal.SIGTERM)  # a second signal, handled in the middle of the write
             got.append("sent")
         return save(*a, **k)
-    loop.Session.__init__, preempt.StopSignals._handle, ckpt.save = slow_init, handle_, save_
+    preempt.StopSignals._handle, ckpt.save = handle_, save_
     sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -465,29 +477,20 @@ def test_log_every_and_cache_validated(tmp_path):
 # trains 4 steps of DATA into OUT (MODE "run" | "resume" | "preempt": 2.5 s
 # a step and "step" printed after each, so that a signal sent after step 1
 # stops the run before step 4: JAX's SIGTERM listener polls about once a
-# second, and the processes then agree on the largest step counter plus one), counting the image files its decode workers open; its last
-# line is JSON, its exit status 75 when stopped by a signal.
-_MULTI = """
-    import json, sys, time
+# second, and the processes then agree on the largest step counter plus
+# one), counting the image files its decode workers open; its last line is
+# JSON, its exit status 75 when stopped by a signal.
+_MULTI = _SLOW_STEPS + """
+    import json, sys
     import jax
     from jaxyolo.data.stream import StreamedFrames
-    from jaxyolo.train import TrainConfig, loop, train
+    from jaxyolo.train import TrainConfig, train
     mode, out, data = sys.argv[1:]
     opened = []
     submit = StreamedFrames._submit
     StreamedFrames._submit = lambda self, i, row: (opened.append(self.files[i]), submit(self, i, row))[1]
     if mode == "preempt":
-        init = loop.Session.__init__
-        def slow_init(self, *a, **k):
-            init(self, *a, **k)
-            fast = self.train_step
-            def step(*args):
-                out = fast(*args)
-                time.sleep(2.5)
-                print("step", flush=True)
-                return out
-            self.train_step = step
-        loop.Session.__init__ = slow_init
+        slow_steps(2.5)
     cfg = TrainConfig(data=data, img_size=64, batch=8, epochs=1, max_boxes=8, warmup_min_steps=2, max_steps=4, close_mosaic=0)
     r = train(cfg, out, resume=mode == "resume", progress=False, log=lambda m: print(m, flush=True), log_every=1, cache="none", workers=1)
     print(json.dumps([jax.process_index(), jax.process_count(), jax.device_count(), r["losses"], opened, r["steps"], r["preempted"]]), flush=True)
