@@ -299,3 +299,26 @@ def test_musgd_matches_upstream_bfloat16(oracles):
     worst = _musgd_case(oracles, False)
     ERRORS["musgd bf16 (of tensor max)"] = worst
     assert worst < 3e-5
+
+
+def test_musgd_masks_match_build_optimizer_on_yolov8n(oracles):
+    """ultralytics_musgd_masks on jaxyolo's yolov8n parameter tree (paths = state_dict keys)
+    against the groups build_optimizer(name="MuSGD") gives upstream's yolov8n, key by key."""
+    from flax import nnx
+
+    from jaxyolo.models import build_model
+
+    params = nnx.to_pure_dict(nnx.state(build_model("yolov8n", nc=NC), nnx.Param))
+    muon_mask, decay_mask, lr_scale = ultralytics_musgd_masks(params)
+    model = oracles.make_e2e_model("yolov8n.yaml", NC, EPOCHS)
+    _, groups = oracles.musgd_steps(model, [], lr=0.01)
+    ours = {}
+    for (path, m), d, s in zip(jax.tree_util.tree_flatten_with_path(muon_mask)[0], jax.tree.leaves(decay_mask),
+                               jax.tree.leaves(lr_scale)):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        keys[-1] = {"kernel": "weight", "scale": "weight"}.get(keys[-1], keys[-1])
+        ours[".".join(keys)] = (m, d, s)
+    assert set(ours) == set(groups)
+    for k, (use_muon, wd, lr) in groups.items():
+        assert ours[k] == (use_muon, wd != 0, pytest.approx(lr / 0.01)), k
+    assert sum(s == 3.0 for _, _, s in ours.values()) > 0

@@ -127,15 +127,18 @@ def musgd_steps(model, grads_seq, *, lr=0.01, momentum=0.9, decay=5e-4, ns_float
 
     Returns:
       ``(steps, groups)``: per step a dict name -> numpy parameter after it;
-      ``groups`` name -> ``(use_muon, weight_decay, lr)`` of its param group.
+      ``groups`` name -> ``(use_muon, weight_decay, lr)`` of its param group
+      (parameters that require a gradient; upstream's frozen DFL conv sits in
+      the muon group but never gets a gradient, so MuSGD skips it).
     """
     t = torch()
     trainer = _import("ultralytics.engine.trainer")
-    named = dict(model.named_parameters())
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}  # not Detect's fixed DFL conv
     opt = trainer.BaseTrainer.build_optimizer(types.SimpleNamespace(), model, name="MuSGD", lr=lr, momentum=momentum,
                                               decay=decay)
     by_id = {id(p): k for k, p in named.items()}
-    groups = {by_id[id(p)]: (bool(g["use_muon"]), g["weight_decay"], g["lr"]) for g in opt.param_groups for p in g["params"]}
+    groups = {by_id[id(p)]: (bool(g["use_muon"]), g["weight_decay"], g["lr"])
+              for g in opt.param_groups for p in g["params"] if id(p) in by_id}
     out = []
     for grads in grads_seq:
         for k, p in named.items():
