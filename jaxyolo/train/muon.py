@@ -40,13 +40,17 @@ bfloat16 products, the last point below):
   ``_foreach_add_`` rounds the product, XLA:CPU would fuse it into a
   multiply-add (:func:`_rounded` keeps them apart; ``a + alpha * b`` is a
   fused multiply-add on both sides).
-* bfloat16 GEMM accumulation order (not reproduced): torch's CPU kernel (oneDNN, AMX where
-  the CPU has it) sums the float32 products in its own blocked order, not
-  reproducible here (nor across torch's own machines); about one 32x32
-  product in ten then rounds an entry to the neighbouring bfloat16, moving
-  that step's Muon update by one bfloat16 ulp (measured: ~1e-5 of the
-  tensor's max after 5 steps at lr 0.01; with both sides iterating in
-  float32, ``ns_dtype=jnp.float32``, 1e-7).
+* bfloat16 GEMM accumulation order (not reproduced): torch's CPU kernel
+  (oneDNN, AMX where the CPU has it) sums the float32 products in its own
+  blocked order, which differs between torch's own kernels and machines;
+  an entry that lands on the other side of a bfloat16 rounding boundary
+  changes the rest of the iteration at the bfloat16 ulp level.  Measured:
+  ``NS5`` of a 256x384 matrix differs by 1.9e-2 of its max between torch's
+  oneDNN and native kernels, and by 1.9e-2 / 1.4e-2 between this code and
+  each; one MuSGD step on a random yolo26n (366 leaves, upstream's groups)
+  differs from upstream by 0.5% of the largest Muon update (2.6e-4 of the
+  parameter's max at lr 0.01); with both sides iterating in float32
+  (``ns_dtype=jnp.float32``) by 1.2e-7 of the parameter's max.
 * upstream batches the matrices of a parameter group with equal column
   count (and scale), zero-padding rows, and transposes the whole batch when
   the padded row count exceeds the columns: a short matrix batched with a
