@@ -7,7 +7,7 @@ The common path needs nothing deeper than ``import jaxyolo``::
 
 Modules: ``boxes`` (geometry), ``losses`` (element losses), ``targets``
 (the padded ground-truth format), ``assign`` (label assigners),
-``objectives`` (the full YOLOv5 / YOLOX / YOLOv8-v9 losses).
+``objectives`` (the full YOLOv5 / YOLOX / YOLOv8-v9 / end-to-end losses).
 """
 
 from jaxyolo import assign, boxes, losses, objectives
@@ -31,6 +31,7 @@ from jaxyolo.losses import (
     varifocal_loss,
     yolox_iou_loss,
 )
+from jaxyolo.objectives.e2e import E2ELossConfig, e2e_loss, e2e_o2m_weight
 from jaxyolo.objectives.tal import TalLossConfig, yolov8_loss
 from jaxyolo.objectives.yolov5 import Yolov5LossConfig, scale_yolov5_hyp, yolov5_loss
 from jaxyolo.objectives.yolox import YoloxLossConfig, yolox_loss
@@ -39,6 +40,7 @@ from jaxyolo.targets import Targets
 __version__ = "0.1.0"
 
 __all__ = [
+    "E2ELossConfig",
     "TalLossConfig",
     "Targets",
     "assign",
@@ -52,6 +54,8 @@ __all__ = [
     "boxes",
     "dfl_loss",
     "dist2bbox",
+    "e2e_loss",
+    "e2e_o2m_weight",
     "focal_loss",
     "losses",
     "make_anchor_points",

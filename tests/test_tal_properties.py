@@ -174,7 +174,9 @@ def test_trace_time_errors(rng):
     with pytest.raises(ValueError, match="class_weights"):
         yolov8_loss(preds, targets, config=TalLossConfig(class_weights=(1.0, 2.0)))
     with pytest.raises(ValueError, match="reg_max"):
-        TalLossConfig(reg_max=1)
+        TalLossConfig(reg_max=0)
+    with pytest.raises(ValueError, match="reg_max"):  # no DFL is ultralytics' (YOLO26) branch only
+        TalLossConfig(reg_max=1, preset="yolov9")
     with pytest.raises(TypeError, match="floating-point"):
         yolov8_loss([p.astype(jnp.int32) for p in preds], targets)
 

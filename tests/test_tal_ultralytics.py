@@ -7,13 +7,15 @@ alignment metric; the foreground is compared where the alignment is > 0.
 """
 
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _strategies import gt_rows
 from conftest import GRAD_TOL, VALUE_TOL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_tal_helpers import compare, make_preds, make_rows, run_jax, targets_from_rows
+from test_tal_helpers import compare, jitted_assign, jitted_loss, make_preds, make_rows, run_jax, targets_from_rows
 
 from jaxyolo import TalLossConfig
 
@@ -92,6 +94,25 @@ def test_channels_divisible_by_reg_max(oracles, rng, nc, reg_max):
 def test_topk2_gains_and_class_weights(oracles, rng):
     cfg = TalLossConfig(topk=10, topk2=5, box=5.0, cls=1.0, dfl=2.0, class_weights=(0.5, 1.0, 2.0))
     _case(oracles, rng, config=cfg, counts=[10, 20, 5, 0])
+
+
+def test_reg_max_1_l1_branch(oracles, rng):
+    """``reg_max = 1`` (YOLO26's DFL-free head): the box channels are ltrb distances in grid
+    units (drawn over [0.2, 5]), the third term is upstream's L1 (``l1_loss``); with topk2,
+    gains and class weights."""
+    cfg = TalLossConfig(reg_max=1, topk2=4, box=5.0, cls=1.0, dfl=2.0, class_weights=(0.5, 1.0, 2.0))
+    preds = [np.concatenate([rng.uniform(0.2, 5.0, p.shape[:3] + (4,)), p[..., 8:]], -1).astype(np.float32)
+             for p in make_preds(rng, 4, (128, 96), nc=3, reg_max=2)]
+    targets = targets_from_rows(make_rows(rng, 4, [0, 5, 30, 12], nc=3), 4, 32)
+    ref = oracles.v8_detection_loss(preds, targets, strides=STRIDES, nc=3, reg_max=1, box=5.0, cls=1.0, dfl=2.0,
+                                    topk=10, topk2=4, class_weights=cfg.class_weights)
+    jp = [jnp.asarray(p) for p in preds]
+    (total, comp), grads = jitted_loss(STRIDES, cfg)(jp, targets)
+    assert set(comp) == {"box", "cls", "l1"}
+    ours = dict(total=float(total), components=np.array([float(comp[k]) for k in ("box", "cls", "l1")]),
+                grads=[np.asarray(g) for g in grads], assign=jax.tree.map(np.asarray, jitted_assign(STRIDES, cfg)(jp, targets)._asdict()))
+    compare(ours, ref, VALUE_TOL, GRAD_TOL)
+    assert ref["assign"]["fg_mask"].sum() > 0
 
 
 @settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -34,7 +34,15 @@ tensors.  Each level's class, box and DFL sums share one custom VJP
 softmax enters through its log-sum-exp), and the backward recomputes
 sigmoid/softmax and writes the level's whole ``(B, A_l, 4*reg_max + nc)``
 gradient in one pass instead of storing ``(B, A, nc)`` residuals.
-``reg_max = 1`` (ultralytics' L1 branch without DFL) is not supported.
+``reg_max = 1`` (ultralytics' DFL-free branch, YOLO26) takes a plain
+autodiff path instead: the first 4 channels are the ltrb distances in grid
+units, decoded directly; the third term is ``l1`` (upstream ``l1_loss``)::
+
+    l1 = sum_fg mean_ltrb |pred_ltrb - target_ltrb| * stride / (W, H, W, H) * w / tss
+
+(both sides times their level's stride, then x distances divided by the
+image width and y distances by the height, as upstream's ``BboxLoss``; the
+target distances are not clamped), scaled by the ``dfl`` gain.
 
 Upstream quirks, named once:
 
@@ -93,9 +101,12 @@ class TalLossConfig:
         convention of the box loss.
       topk, topk2, alpha, beta: assigner settings (``tal_topk``, ``tal_topk2``,
         0.5, 6.0 in both upstream losses).
-      reg_max: DFL bins per side (Detect's ``reg_max``, 16).  Must be >= 2.
+      reg_max: DFL bins per side (Detect's ``reg_max``, 16); 1 = no DFL, the
+        box channels are ltrb distances and the third term is the L1 loss
+        (YOLO26; ``preset="ultralytics"`` only).
       box, cls, dfl: loss gains (ultralytics ``hyp.box/cls/dfl``; YOLOv9
-        hard-codes 7.5 / 0.5 / 1.5).
+        hard-codes 7.5 / 0.5 / 1.5); ``dfl`` scales the L1 term when
+        ``reg_max == 1``.
       cls_pw: BCE positive weight (YOLOv9 ``hyp["cls_pw"]``).
       label_smoothing: see the module docstring (not applied by either upstream).
       fl_gamma: focal-loss gamma around the BCE when > 0 (YOLOv9 ``hyp["fl_gamma"]``).
@@ -125,8 +136,8 @@ class TalLossConfig:
         _checks.positive_int(self.topk, "config.topk")
         if self.topk2 is not None:
             _checks.positive_int(self.topk2, "config.topk2")
-        if _checks.positive_int(self.reg_max, "config.reg_max") < 2:
-            raise ValueError(f"config.reg_max must be >= 2 (DFL), got {self.reg_max}")
+        if _checks.positive_int(self.reg_max, "config.reg_max") == 1 and self.preset != "ultralytics":
+            raise ValueError(f"config.reg_max = 1 (no DFL) is ultralytics' branch; preset {self.preset!r} has DFL only")
         if self.class_weights is not None and not isinstance(self.class_weights, tuple):
             object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
 
@@ -354,7 +365,8 @@ def decode_predictions(preds, *, strides=(8, 16, 32), reg_max=16):
       preds: per level ``(B, H, W, 4*reg_max + nc)`` logits, DFL bins ltrb-major
         first (side 0's ``reg_max`` bins, then side 1's, ...), then classes.
       strides: pixels per cell of each level.
-      reg_max: DFL bins per side.
+      reg_max: DFL bins per side; 1: the first 4 channels are ltrb distances
+        in grid units (no DFL, YOLO26).
 
     Returns:
       dict with per-level lists ``pred_dist`` ``(B, A_l, 4, reg_max)`` and
@@ -380,7 +392,10 @@ def _decode(preds, strides, reg_max, *, for_loss):
     pred_scores = [f[..., 4 * reg_max :] for f in flat]
     shapes = [tuple(p.shape[1:3]) for p in preds]
     anchor_points, stride = make_anchor_points(shapes, strides)
-    if for_loss:
+    if reg_max == 1:  # no DFL: the box channels are the ltrb distances themselves
+        level_stats = None
+        ltrb = jnp.concatenate([f[..., :4] for f in flat], axis=1)  # (B, A, 4) grid units
+    elif for_loss:
         level_stats = [_dfl_stats(d) for d in pred_dist]
         ltrb = jnp.concatenate([mean for mean, _ in level_stats], axis=1)
     else:
@@ -451,6 +466,63 @@ def assign_for_loss(d, targets: Targets, *, strides, config: TalLossConfig, batc
     )
 
 
+def _class_weight_array(config):
+    return jnp.float32(1.0) if config.class_weights is None else jnp.asarray(config.class_weights, jnp.float32)
+
+
+def _elementwise_cls_sum(logits, lab, sc, fg, config, nc, cw):
+    """Sum of the non-fused class losses over one level, by autodiff.
+
+    ``logits (B, A_l, nc)``; ``lab``, ``sc``, ``fg`` ``(B, A_l)`` as :func:`_level_terms`."""
+    t = _onehot_targets(lab, sc, nc, float(config.label_smoothing))
+    if config.cls_loss == "varifocal":
+        el = varifocal_loss(logits, t, _onehot_targets(lab, fg.astype(jnp.float32), nc, 0.0))
+    else:
+        pos_weight = None if config.cls_pw == 1.0 else jnp.float32(config.cls_pw)
+        if config.fl_gamma > 0:
+            el = focal_loss(logits, t, gamma=config.fl_gamma, alpha=0.25, pos_weight=pos_weight)
+        else:
+            el = bce_with_logits(logits, t, pos_weight=pos_weight)
+    return jnp.sum(el * cw)
+
+
+def _l1_terms(d, a, target_bboxes, tss, *, config, fused_bce, nc):
+    """The gained ``(box, cls, l1)`` of the ``reg_max == 1`` branch (plain autodiff).
+
+    ``d``: :func:`_decode` of ``(B, H_l, W_l, 4 + nc)`` levels; ``a``: the
+    assignment; ``target_bboxes (B, A, 4)`` xyxy grid units; ``tss`` the
+    clamped target-score sum.  Per level: the class BCE (as
+    :func:`_level_terms`' forward when ``fused_bce``), CIoU on the decoded
+    ltrb, and upstream's L1 on ``ltrb * stride / (W, H, W, H)``.
+    """
+    h, w = d["imgsz"]
+    sizes = d["sizes"]
+    cw = _class_weight_array(config)
+    cls_sum = box_sum = l1_sum = jnp.float32(0.0)
+    anchors = _split(d["anchor_points"], sizes, axis=0)
+    strides = _split(d["stride"], sizes, axis=0)
+    for f, anc, st, lab, sc, tb, fg in zip(
+        d["flat"], anchors, strides, *(_split(x, sizes) for x in (a["target_labels"], a["norm"], target_bboxes, a["fg_mask"]))
+    ):
+        logits = f[..., 4:]  # (B, A_l, nc)
+        if fused_bce:
+            sp = jnp.maximum(logits, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+            at_label = jnp.take_along_axis(logits, lab[..., None], axis=-1)[..., 0]
+            label_w = cw if config.class_weights is None else cw[lab]
+            cls_sum = cls_sum + jnp.sum(sp * cw) - jnp.sum(sc * label_w * at_label)
+        else:
+            cls_sum = cls_sum + _elementwise_cls_sum(logits, lab, sc, fg, config, nc, cw)
+        ltrb = jnp.where(fg[..., None], f[..., :4], 1.0)  # off fg: a benign value, not 0 * NaN
+        box_sum = box_sum + _box_sum(ltrb, anc, tb, sc, fg, config.preset)
+        # (B, A_l, 4): upstream multiplies by the stride, then divides x by W and y by H
+        img = jnp.asarray([w, h, w, h], jnp.float32)
+        pred_n = (ltrb * st) / img
+        tgt_n = (bbox2dist(anc, tb) * st) / img
+        l1 = jnp.mean(jnp.abs(pred_n - tgt_n), axis=-1) * sc
+        l1_sum = l1_sum + jnp.sum(jnp.where(fg, l1, 0.0))
+    return box_sum / tss * config.box, cls_sum / tss * config.cls, l1_sum / tss * config.dfl
+
+
 def yolov8_loss(
     preds,
     targets: Targets,
@@ -483,7 +555,8 @@ def yolov8_loss(
       ``(total, components)``: ``total`` scalar float32 ``(box + cls + dfl) * B``
       (NaN if a real target has a class id outside ``[0, nc)`` under jit);
       ``components`` dict of scalar ``"box"``, ``"cls"``, ``"dfl"`` (gains
-      applied, not multiplied by B, gradients stopped).
+      applied, not multiplied by B, gradients stopped); ``"l1"`` instead of
+      ``"dfl"`` when ``config.reg_max == 1`` (upstream's ``l1_loss``).
     """
     if not isinstance(config, TalLossConfig):
         raise TypeError(f"config must be a TalLossConfig, got {type(config).__name__}")
@@ -512,8 +585,13 @@ def yolov8_loss(
         config.cls_loss == "bce" and config.cls_pw == 1.0 and config.fl_gamma <= 0 and not config.label_smoothing
     )
     convention = config.preset  # each preset's bbox_iou convention has the preset's name
+    if reg_max == 1:
+        box, cls, l1 = _l1_terms(d, a, target_bboxes, tss, config=config, fused_bce=fused_bce, nc=nc)
+        total = nan_if(targets.invalid(nc), (box + cls + l1) * b)
+        components = {k: jax.lax.stop_gradient(v) for k, v in (("box", box), ("cls", cls), ("l1", l1))}
+        return total, components
     static = (reg_max, convention, fused_bce, config.class_weights)
-    cw = jnp.float32(1.0) if config.class_weights is None else jnp.asarray(config.class_weights, jnp.float32)
+    cw = _class_weight_array(config)
     cls_sum = box_sum = dfl_sum = jnp.float32(0.0)
     anchors = _split(d["anchor_points"], sizes, axis=0)
     for f, (mean, lse), anc, lab, sc, tb, fg in zip(
@@ -521,20 +599,8 @@ def yolov8_loss(
     ):
         c_l, b_l, d_l = _level_terms(static, f, mean, lse, anc, lab, sc, tb, fg)
         cls_sum, box_sum, dfl_sum = cls_sum + c_l, box_sum + b_l, dfl_sum + d_l
-        if fused_bce:
-            continue
-        # other class losses: elementwise on the class channels, by autodiff
-        logits = f[..., 4 * reg_max :]
-        t = _onehot_targets(lab, sc, nc, float(config.label_smoothing))
-        if config.cls_loss == "varifocal":
-            el = varifocal_loss(logits, t, _onehot_targets(lab, fg.astype(jnp.float32), nc, 0.0))
-        else:
-            pos_weight = None if config.cls_pw == 1.0 else jnp.float32(config.cls_pw)
-            if config.fl_gamma > 0:
-                el = focal_loss(logits, t, gamma=config.fl_gamma, alpha=0.25, pos_weight=pos_weight)
-            else:
-                el = bce_with_logits(logits, t, pos_weight=pos_weight)
-        cls_sum = cls_sum + jnp.sum(el * cw)
+        if not fused_bce:
+            cls_sum = cls_sum + _elementwise_cls_sum(f[..., 4 * reg_max :], lab, sc, fg, config, nc, cw)
     loss_cls, loss_box, loss_dfl = cls_sum / tss, box_sum / tss, dfl_sum / tss
 
     box, cls, dfl = loss_box * config.box, loss_cls * config.cls, loss_dfl * config.dfl

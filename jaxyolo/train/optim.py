@@ -1,6 +1,8 @@
 """Optimiser, LR schedule and ModelEMA: jaxyolo's own recipe in optax
-(:func:`make_optimizer`), and ultralytics' ``BaseTrainer`` recipe step for
-step (:class:`UltralyticsPlan`, :class:`UltralyticsOptimizer`)."""
+(:func:`make_optimizer`), ultralytics' ``BaseTrainer`` recipe step for
+step (:class:`UltralyticsPlan`, :class:`UltralyticsOptimizer`), and
+ultralytics' ``MuSGD`` as an optax transformation (:func:`musgd`, from
+:mod:`jaxyolo.train.muon`; not wired into ``TrainConfig`` yet)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import numpy as np
 import optax
 
 from jaxyolo.train.config import TrainConfig
+from jaxyolo.train.muon import MuSGDState, musgd, newton_schulz5, ultralytics_musgd_masks
 
 __all__ = [
+    "MuSGDState", "musgd", "newton_schulz5", "ultralytics_musgd_masks",
     "lr_schedule", "make_optimizer", "decay_mask", "ema_decay", "ema_tau_for", "ema_update",
     "GROUP_NAMES", "UltralyticsOptimizer", "UltralyticsPlan", "torch_clip_grad_norm", "torch_lerp", "ultralytics_accumulate",
     "ultralytics_auto_optimizer", "ultralytics_ema_update", "ultralytics_param_groups", "ultralytics_warmup_iterations",
