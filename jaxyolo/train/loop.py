@@ -343,9 +343,10 @@ def train(
                 _report_failures(train_data, say)
                 epoch = ep + 1
                 erow = {"epoch": epoch, "step": done, **{k2: float(a["epoch"][k2]) / int(a["epoch_n"]) for k2 in session.names}, "epoch_s": round(time.perf_counter() - t_epoch, 2)}
-                if preempted and (epoch % config.eval_every == 0 or epoch == config.epochs):
+                due = epoch % config.eval_every == 0 or epoch == config.epochs
+                if due and preempted:
                     say(f"epoch {epoch}: evaluation skipped (stopping); --resume evaluates at the end of the run")
-                elif epoch % config.eval_every == 0 or epoch == config.epochs:
+                elif due:
                     last_eval = _evaluate(session, val_data, log=say)
                     erow.update(last_eval)
                     if progress and primary:
