@@ -457,6 +457,27 @@ def test_resume_edge_cases(tmp_path):
     assert again["steps"] == 8 and again["losses"] == [] and again["map50"] == full["map50"]
 
 
+@pytest.mark.slow
+def test_a_stop_at_the_last_step_skips_the_evaluation_and_resume_does_it(tmp_path, monkeypatch):
+    """A stop agreed at an epoch's last step writes the epoch-end checkpoint
+    without evaluating (the grace period is for the checkpoint); when that
+    was the run's last step, --resume evaluates and writes final.json."""
+    from jaxyolo.train import preempt
+
+    monkeypatch.setattr(preempt.StopSignals, "reached", lambda self, step: step == 8)
+    messages = []
+    stopped = train(TINY, tmp_path / "run", progress=False, log=messages.append)
+    assert stopped["preempted"] == "preemption notice" and stopped["steps"] == 8 and stopped["map50"] is None
+    assert "epoch 1: evaluation skipped (stopping); --resume evaluates at the end of the run" in messages
+    assert ckpt.manager(tmp_path / "run").latest_step() == 8 and not (tmp_path / "run" / "final.json").exists()
+    assert _rows(tmp_path / "run" / "metrics.csv")[0]["map50"] == ""
+    monkeypatch.undo()
+    done = train(TINY, tmp_path / "run", resume=True, **QUIET)
+    full = train(TINY, tmp_path / "full", **QUIET)
+    assert done["map50"] == full["map50"] and done["preempted"] is None
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["map50"] == full["map50"]
+
+
 def test_python_dash_m_runs_the_cli():
     p = subprocess.run([sys.executable, "-m", "jaxyolo", "train", "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--log-every" in p.stdout and "--precision" in p.stdout and "--devices" in p.stdout
