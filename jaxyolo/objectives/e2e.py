@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from jaxyolo import _checks
@@ -166,4 +165,4 @@ def e2e_loss(
     if config.variant == "yolov10":
         return total_o2m + total_o2o, {k: items_o2m[k] + items_o2o[k] for k in items_o2m}
     o2o = jnp.maximum(1.0 - o2m, 0.0)
-    return total_o2m * o2m + total_o2o * o2o, {k: jax.lax.stop_gradient(v) for k, v in items_o2o.items()}
+    return total_o2m * o2m + total_o2o * o2o, items_o2o  # yolov8_loss's items: gradients already stopped

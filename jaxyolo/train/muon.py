@@ -270,12 +270,10 @@ def musgd(
     """
     if layout not in ("flax", "torch"):
         raise ValueError(f"layout must be 'flax' or 'torch', got {layout!r}")
-    lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
-    beta = momentum
 
     def masks(params):
         mu = _tree_or_call(muon_mask, params, lambda p: p.ndim in (2, 4))
-        dec = _tree_or_call(decay_mask, params, None) if decay_mask is not None else mu
+        dec = mu if decay_mask is None else _tree_or_call(decay_mask, params, None)
         sc = _tree_or_call(lr_scale, params, lambda p: 1.0)
         return mu, dec, sc
 
@@ -291,7 +289,7 @@ def musgd(
         mu, dec, sc = masks(params)
         # a constant learning rate stays a Python float, so that lr * scale * muon
         # rounds once to float32, as upstream's Python arithmetic
-        lr = learning_rate if not callable(learning_rate) else jnp.asarray(lr_fn(state.count), jnp.float32)
+        lr = jnp.asarray(learning_rate(state.count), jnp.float32) if callable(learning_rate) else learning_rate
 
         def leaf(p, g, buf, buf_sgd, is_muon, decays, scale, transpose):
             g = g.astype(p.dtype)
@@ -301,8 +299,8 @@ def musgd(
             # each line is one torch _foreach op: "a + alpha * b" is a fused multiply-add
             # in both torch and XLA, a separate _foreach_mul_ is rounded (_rounded)
             if is_muon:
-                buf = _rounded(buf * f32(beta)) + f32(1 - beta) * g
-                u = _rounded(buf * f32(beta)) + f32(1 - beta) * g if nesterov else buf
+                buf = _rounded(buf * f32(momentum)) + f32(1 - momentum) * g  # Muon's beta is the momentum
+                u = _rounded(buf * f32(momentum)) + f32(1 - momentum) * g if nesterov else buf
                 new = new + jnp.asarray(-(lr_l * muon), jnp.float32) * _muon_direction(u, layout, transpose, ns_dtype)
                 lr_s = lr_l * sgd
             else:
