@@ -13,7 +13,7 @@ plus, per family, upstream buffers that are constants rather than state:
   written as 0, ignored when read;
 * ultralytics ``model.<Detect>.dfl.conv.weight``, the fixed
   ``arange(reg_max)`` of ``DFL`` (the expectation in ``decode_yolov8``):
-  written, and checked when read;
+  written, and checked when read (none with ``reg_max = 1``, YOLO26);
 * yolov5 ``model.24.anchors``, the anchors in grid units: read into the
   model's static anchors (pixels = anchors x stride), written back from them.
 
@@ -77,6 +77,8 @@ def _constants(model) -> dict[str, np.ndarray]:
     spec = get_spec(model.name)
     if spec.family == "ultralytics":
         r = model.head.reg_max
+        if r == 1:  # upstream's dfl is nn.Identity() when reg_max == 1 (YOLO26): no buffer
+            return {}
         return {f"model.{_detect_index(spec)}.dfl.conv.weight": np.arange(r, dtype=np.float32).reshape(1, r, 1, 1)}
     if spec.family == "yolov5":
         grid = model.head.anchor_array / np.asarray(model.strides, np.float32)[:, None, None]

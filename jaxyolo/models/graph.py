@@ -19,12 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxyolo.models.heads import Yolov5Head, Yolov8Head, decode_yolov5, decode_yolov8
-from jaxyolo.models.layers import C2PSA, C2f, C3, C3k2, SPPF, Concat, ConvBnAct, Upsample, make_divisible
+from jaxyolo.models.layers import (
+    C2PSA, PSA, SCDown, SPPF, C2f, C2fCIB, C3, C3k2, Concat, ConvBnAct, Upsample, make_divisible,
+)
 
 __all__ = ["GraphModel", "parse_table", "check_images"]
 
 STRIDES = (8, 16, 32)  # P3-P5: every table here ends in Detect(P3, P4, P5)
-_REPEATED = {"C2f", "C3k2", "C3", "C2PSA"}  # upstream's repeat_modules among the ones used here
+_REPEATED = {"C2f", "C3k2", "C3", "C2PSA", "C2fCIB"}  # upstream's repeat_modules among the ones used here
 
 
 def check_images(images, dtype):
@@ -37,28 +39,31 @@ def check_images(images, dtype):
 
 
 def parse_table(rows, *, nc: int, depth: float, width: float, max_channels: float = math.inf, scale: str | None = None,
-                reg_max: int = 16, dtype=None, rngs: nnx.Rngs):
+                reg_max: int = 16, end2end: bool = False, dtype=None, rngs: nnx.Rngs):
     """Build the layers of yaml ``rows`` as upstream ``parse_model`` does.
 
     Args:
       rows: ``[(from, repeats, module, args)]`` (backbone then head), module
-        one of Conv, C2f, C3k2, C3, SPPF, C2PSA, Upsample, Concat, Detect
-        (ultralytics DFL head, args ``()``), AnchorDetect (yolov5 head, args
-        ``(anchors,)`` in pixels).
+        one of Conv, C2f, C3k2, C3, SPPF, C2PSA, SCDown, PSA, C2fCIB,
+        Upsample, Concat, Detect (ultralytics head, args ``()``), v10Detect
+        (YOLOv10's end-to-end head, args ``()``), AnchorDetect (yolov5 head,
+        args ``(anchors,)`` in pixels).
       depth, width, max_channels: the scale (``repeats -> max(round(n depth),
         1)`` when ``n > 1``; ``channels -> make_divisible(min(c, max_channels)
         width, 8)``).
       scale: the ultralytics scale letter: ``m``/``l``/``x`` force ``c3k=True``
         in every C3k2 (upstream's rule).
+      reg_max, end2end: the yaml's ``reg_max`` and ``end2end`` (``Detect`` rows).
 
     Returns:
       ``(layers, froms)``.
     """
-    legacy = not any(r[2] == "C3k2" for r in rows)  # upstream: Detect.legacy unless the model has C3k2
+    # upstream: Detect.legacy (YOLOv8's class branch) unless the model has C3k2 or C2fCIB
+    legacy = not any(r[2] in ("C3k2", "C2fCIB") for r in rows)
     ch, layers, froms = [3], [], []
     for i, (f, n, module, args) in enumerate(rows):
         n = max(round(n * depth), 1) if n > 1 else n
-        if module in ("Conv", "C2f", "C3k2", "C3", "SPPF", "C2PSA"):
+        if module in ("Conv", "C2f", "C3k2", "C3", "SPPF", "C2PSA", "SCDown", "PSA", "C2fCIB"):
             c1, c2 = ch[f], make_divisible(min(args[0], max_channels) * width, 8)
             if n > 1 and module not in _REPEATED:
                 raise NotImplementedError(f"row {i}: a repeated {module} is not used by any supported model")
@@ -71,17 +76,27 @@ def parse_table(rows, *, nc: int, depth: float, width: float, max_channels: floa
                 m = C3(c1, c2, n, shortcut=bool(args[1]) if len(args) > 1 else True, **kw)
             elif module == "C3k2":
                 c3k = scale in ("m", "l", "x") or (len(args) > 1 and bool(args[1]))
-                m = C3k2(c1, c2, n, c3k=c3k, e=args[2] if len(args) > 2 else 0.5, **kw)
+                m = C3k2(c1, c2, n, c3k=c3k, e=args[2] if len(args) > 2 else 0.5, attn=len(args) > 3 and bool(args[3]), **kw)
             elif module == "SPPF":
-                m = SPPF(c1, c2, args[1], **kw)
+                # rows [c2, k] are the legacy SPPF (cv1 with SiLU); YOLO26's [c2, k, n, shortcut] is not
+                m = SPPF(c1, c2, args[1], *args[2:3], shortcut=len(args) > 3 and bool(args[3]), cv1_act=len(args) <= 2, **kw)
+            elif module == "SCDown":
+                m = SCDown(c1, c2, args[1], args[2], **kw)
+            elif module == "PSA":
+                m = PSA(c1, c2, **kw)
+            elif module == "C2fCIB":
+                m = C2fCIB(c1, c2, n, shortcut=len(args) > 1 and bool(args[1]), lk=len(args) > 2 and bool(args[2]), **kw)
             else:
                 m = C2PSA(c1, c2, n, **kw)
         elif module == "Upsample":
             m, c2 = Upsample(), ch[f]
         elif module == "Concat":
             m, c2 = Concat(), sum(ch[j] for j in f)
-        elif module == "Detect":
-            m = Yolov8Head([ch[j] for j in f], nc, reg_max=reg_max, strides=STRIDES, legacy=legacy, dtype=dtype, rngs=rngs)
+        elif module in ("Detect", "v10Detect"):
+            # v10Detect = Detect(nc, reg_max=16, end2end=True) with the light (non-legacy) class branch
+            v10 = module == "v10Detect"
+            m = Yolov8Head([ch[j] for j in f], nc, reg_max=16 if v10 else reg_max, strides=STRIDES,
+                           legacy=legacy and not v10, end2end=end2end or v10, dtype=dtype, rngs=rngs)
             c2 = None
         elif module == "AnchorDetect":
             m = Yolov5Head([ch[j] for j in f], nc, anchors=args[0], strides=STRIDES, dtype=dtype, rngs=rngs)
@@ -97,16 +112,19 @@ def parse_table(rows, *, nc: int, depth: float, width: float, max_channels: floa
 
 
 class GraphModel(nnx.Module):
-    """An upstream ``DetectionModel`` (ultralytics YOLOv8/YOLO11 or yolov5).
+    """An upstream ``DetectionModel`` (ultralytics YOLOv8/YOLO11/YOLO26/YOLOv10 or yolov5).
 
     ``model(images)``: images ``(B, H, W, 3)`` float in ``[0, 1]`` RGB, sides
     multiples of 32 -> the head's per-level raw predictions (the loss
-    layout, see :mod:`jaxyolo.models.heads`).  ``decode(preds)`` -> ``(B, A,
-    4)`` xyxy pixels, ``(B, A, nc)`` scores.
+    layout, see :mod:`jaxyolo.models.heads`); an end-to-end head returns
+    ``{"one2many": [...], "one2one": [...]}``.  ``decode(preds)`` -> ``(B, A,
+    4)`` xyxy pixels, ``(B, A, nc)`` scores (an end-to-end model's one-to-one
+    branch unless ``one2many=True``).
 
     Attributes: ``name`` (registry name), ``family`` (``"ultralytics"`` |
-    ``"yolov5"``), ``head_type`` (``"yolov8"`` | ``"yolov5"``, the loss),
-    ``strides``, ``nc``, ``head`` (``model[-1]``), ``class_names``.
+    ``"yolov5"``), ``head_type`` (``"yolov8"`` | ``"e2e"`` | ``"yolov5"``, the
+    loss), ``end2end`` (NMS-free head), ``strides``, ``nc``, ``head``
+    (``model[-1]``), ``class_names``.
     """
 
     def __init__(self, layers, froms, *, name: str, family: str, dtype=None):
@@ -116,7 +134,8 @@ class GraphModel(nnx.Module):
         self.save = frozenset(j % len(layers) for j in idx if j != -1)
         head = layers[-1]
         self.name, self.family = name, family
-        self.head_type = "yolov5" if isinstance(head, Yolov5Head) else "yolov8"
+        self.end2end = bool(getattr(head, "end2end", False))
+        self.head_type = "yolov5" if isinstance(head, Yolov5Head) else "e2e" if self.end2end else "yolov8"
         self.strides = tuple(head.strides)
         self.nc = head.nc
         self.dtype = dtype
@@ -136,8 +155,15 @@ class GraphModel(nnx.Module):
             y.append(x if i in self.save else None)
         return x
 
-    def decode(self, preds):
-        """Raw per-level predictions -> ``(B, A, 4)`` xyxy px, ``(B, A, nc)`` scores."""
+    def decode(self, preds, *, one2many: bool = False):
+        """Raw predictions -> ``(B, A, 4)`` xyxy px, ``(B, A, nc)`` scores.
+
+        For an end-to-end model ``preds`` is its dict (or one branch's list)
+        and the one-to-one branch is decoded unless ``one2many``; select its
+        detections with :func:`jaxyolo.evaluate.end2end_topk` (no NMS).
+        """
         if self.head_type == "yolov5":
             return decode_yolov5(preds, anchors=self.head.anchor_array, strides=self.strides)
+        if isinstance(preds, dict):
+            preds = preds["one2many" if one2many else "one2one"]
         return decode_yolov8(preds, strides=self.strides, reg_max=self.head.reg_max)

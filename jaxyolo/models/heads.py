@@ -153,29 +153,40 @@ class YoloxHead(nnx.Module):
 
 
 class Yolov8Head(nnx.Module):
-    """The decoupled DFL head of YOLOv8 / YOLO11 (ultralytics ``Detect``).
+    """The decoupled head of YOLOv8 / YOLO11 / YOLO26 / YOLOv10 (ultralytics
+    ``Detect``, ``v10Detect``).
 
     ``cv2`` (box) per level: two 3x3 ``Conv`` then a 1x1 conv to
     ``4 reg_max``.  ``cv3`` (class): with ``legacy=True`` (YOLOv8, and
-    upstream's choice for every yaml without C3k2) two 3x3 ``Conv`` then a
-    1x1 conv to ``nc``; with ``legacy=False`` (YOLO11) two (depthwise 3x3
+    upstream's choice for every yaml without C3k2 or C2fCIB) two 3x3 ``Conv``
+    then a 1x1 conv to ``nc``; with ``legacy=False`` (YOLO11, YOLO26, and
+    ``v10Detect``'s light class head, the same layers) two (depthwise 3x3
     ``DWConv``, 1x1 ``Conv``) pairs then the 1x1 conv.
 
-    Output per level ``(B, H, W, 4 reg_max + nc)``: DFL logits (ltrb-major,
-    ``reg_max`` bins each) then class logits (upstream's training-mode
-    ``boxes``/``scores``).  Channels as upstream:
+    Output per level ``(B, H, W, 4 reg_max + nc)``: the box channels (DFL
+    logits ltrb-major, ``reg_max`` bins each; with ``reg_max=1``, YOLO26's
+    DFL-free head, the 4 ltrb distances in grid units) then class logits
+    (upstream's training-mode ``boxes``/``scores``).  Channels as upstream:
     box branch ``max(16, C_0 // 4, 4 reg_max)``, class branch
     ``max(C_0, min(nc, 100))``.  Bias init as ultralytics 8.4.190
     ``Detect.bias_init``: box biases ``= 2.0``, class biases
     ``= log(5 / nc / (640 / s)^2)``.  Upstream's ``dfl`` (a fixed
     ``arange(reg_max)`` 1x1 conv) is the expectation in :func:`decode_yolov8`.
+
+    ``end2end=True`` (YOLO26, YOLOv10) adds the one-to-one branch
+    ``one2one_cv2``/``one2one_cv3``, a copy of ``cv2``/``cv3`` at init (as
+    upstream's ``deepcopy``), fed ``stop_gradient`` features: as upstream in
+    training, its loss trains only its own layers, never the backbone
+    (upstream does not detach in eval mode, where no gradient is taken).
+    The output is then ``{"one2many": [...], "one2one": [...]}`` of per-level
+    arrays as above (upstream's training-mode dict, without ``feats``).
     """
 
     def __init__(self, in_channels, nc: int, *, reg_max: int = 16, strides=(8, 16, 32), legacy: bool = True,
-                 prior_image_size: int = 640, dtype=None, rngs: nnx.Rngs):
+                 end2end: bool = False, prior_image_size: int = 640, dtype=None, rngs: nnx.Rngs):
         if len(strides) != len(in_channels):
             raise ValueError(f"strides {tuple(strides)} and in_channels {tuple(in_channels)} must have one entry per level")
-        self.nc, self.reg_max, self.legacy = nc, reg_max, legacy
+        self.nc, self.reg_max, self.legacy, self.end2end = nc, reg_max, legacy, bool(end2end)
         self.in_channels = tuple(in_channels)
         self.strides = tuple(strides)
         c2 = max(16, in_channels[0] // 4, reg_max * 4)
@@ -202,10 +213,21 @@ class Yolov8Head(nnx.Module):
         for box, cls, s in zip(self.cv2, self.cv3, strides):
             box[-1].bias[...] = jnp.full_like(box[-1].bias[...], 2.0)
             cls[-1].bias[...] = jnp.full_like(cls[-1].bias[...], math.log(5 / nc / (prior_image_size / s) ** 2))
+        if self.end2end:
+            self.one2one_cv2 = nnx.clone(self.cv2)
+            self.one2one_cv3 = nnx.clone(self.cv3)
+
+    @staticmethod
+    def _branch(box, cls, features):
+        return [jnp.concatenate([box[i](f), cls[i](f)], axis=-1) for i, f in enumerate(features)]
 
     def __call__(self, features):
         _check_features(features, self.in_channels, "Yolov8Head")
-        return [jnp.concatenate([self.cv2[i](f), self.cv3[i](f)], axis=-1) for i, f in enumerate(features)]
+        preds = self._branch(self.cv2, self.cv3, features)
+        if not self.end2end:
+            return preds
+        detached = [jax.lax.stop_gradient(f) for f in features]
+        return {"one2many": preds, "one2one": self._branch(self.one2one_cv2, self.one2one_cv3, detached)}
 
 
 # ---------------------------------------------------------------- decoding
@@ -279,9 +301,11 @@ def decode_yolov8(preds, *, strides=(8, 16, 32), reg_max: int = 16):
     """YOLOv8 inference decoding (DFL expectation, ``dist2bbox``).
 
     Args:
-      preds: per level ``(B, H, W, 4 reg_max + nc)``.
+      preds: per level ``(B, H, W, 4 reg_max + nc)`` (one branch of an
+        end-to-end head).
       strides: pixels per cell of each level.
-      reg_max: DFL bins per side.
+      reg_max: DFL bins per side; 1: the box channels are the ltrb distances
+        themselves (YOLO26; upstream's ``dfl`` is the identity).
 
     Returns:
       ``boxes (B, A, 4)`` xyxy pixels: ltrb = ``softmax(logits) . arange(reg_max)``
@@ -295,7 +319,10 @@ def decode_yolov8(preds, *, strides=(8, 16, 32), reg_max: int = 16):
             raise ValueError(f"decode_yolov8: each level must be (B, H, W, 4*reg_max + nc) with reg_max={reg_max}, got {tuple(p.shape)}")
     flat = jnp.concatenate([p.reshape(b, -1, p.shape[-1]) for p in preds], axis=1).astype(jnp.float32)
     points, stride = make_anchor_points([p.shape[1:3] for p in preds], strides)
-    logits = flat[..., : 4 * reg_max].reshape(b, -1, 4, reg_max)
-    ltrb = jax.nn.softmax(logits, axis=-1) @ jnp.arange(reg_max, dtype=jnp.float32)
+    if reg_max == 1:
+        ltrb = flat[..., :4]
+    else:
+        logits = flat[..., : 4 * reg_max].reshape(b, -1, 4, reg_max)
+        ltrb = jax.nn.softmax(logits, axis=-1) @ jnp.arange(reg_max, dtype=jnp.float32)
     boxes = dist2bbox(ltrb, points, xywh=False) * stride
     return boxes, jax.nn.sigmoid(flat[..., 4 * reg_max :])

@@ -34,11 +34,16 @@ __all__ = [
     "Bottleneck",
     "C2PSA",
     "C2f",
+    "C2fCIB",
     "C3",
     "C3k2",
+    "CIB",
     "Concat",
     "ConvBnAct",
+    "PSA",
     "PSABlock",
+    "RepVGGDW",
+    "SCDown",
     "SPPF",
     "Sequential",
     "Upsample",
@@ -325,19 +330,26 @@ class C3(nnx.Module):
 
 
 class C3k2(C2f):
-    """ultralytics ``C3k2(c1, c2, n, c3k, e, shortcut=True)``: a C2f whose
-    blocks are ``C3k(c, c, 2)`` (``c3k=True``) or ``Bottleneck(c, c)`` (3x3,
-    3x3, ``e=0.5``)."""
+    """ultralytics ``C3k2(c1, c2, n, c3k, e, attn, shortcut=True)``: a C2f
+    whose blocks are ``C3k(c, c, 2)`` (``c3k=True``), ``Bottleneck(c, c)``
+    (3x3, 3x3, ``e=0.5``), or with ``attn=True`` (YOLO26's last neck block)
+    ``Sequential(Bottleneck(c, c), PSABlock(c, 0.5, max(c // 64, 1)))``;
+    ``attn`` wins over ``c3k`` as upstream."""
 
-    def __init__(self, c1: int, c2: int, n: int = 1, *, c3k: bool = False, e: float = 0.5, shortcut: bool = True,
-                 dtype=None, rngs: nnx.Rngs):
+    def __init__(self, c1: int, c2: int, n: int = 1, *, c3k: bool = False, e: float = 0.5, attn: bool = False,
+                 shortcut: bool = True, dtype=None, rngs: nnx.Rngs):
         super().__init__(c1, c2, n, shortcut=shortcut, e=e, dtype=dtype, rngs=rngs)
         c = self.c
-        self.m = nnx.List([
-            C3(c, c, 2, shortcut=shortcut, bottleneck_k=(3, 3), dtype=dtype, rngs=rngs) if c3k
-            else Bottleneck(c, c, shortcut=shortcut, dtype=dtype, rngs=rngs)
-            for _ in range(n)
-        ])
+        kw = dict(dtype=dtype, rngs=rngs)
+
+        def block():
+            if attn:
+                return Sequential([Bottleneck(c, c, shortcut=shortcut, **kw), PSABlock(c, 0.5, max(c // 64, 1), **kw)])
+            if c3k:
+                return C3(c, c, 2, shortcut=shortcut, bottleneck_k=(3, 3), **kw)
+            return Bottleneck(c, c, shortcut=shortcut, **kw)
+
+        self.m = nnx.List([block() for _ in range(n)])
 
 
 class Attention(nnx.Module):
@@ -456,22 +468,109 @@ maxpool_same.defvjp(_maxpool_fwd, _maxpool_bwd)
 
 
 class SPPF(nnx.Module):
-    """Spatial pyramid pooling - fast: three chained ``k x k`` max-pools (= SPP(5, 9, 13)).
+    """Spatial pyramid pooling - fast: ``n`` chained ``k x k`` max-pools (``n =
+    3``: SPP(5, 9, 13)), concatenated, fused by ``cv2``.
 
-    ``cv1`` has the SiLU, as yolov5 and ultralytics' detection yamls build it.
+    ``cv1_act``: yolov5 and every ultralytics yaml row ``SPPF [c2, k]`` give
+    ``cv1`` the SiLU (``parse_model`` sets it for rows of at most 3 args);
+    YOLO26's row ``SPPF [c2, k, n, shortcut]`` keeps upstream's unactivated
+    ``cv1``.  ``shortcut``: add the input when ``c_in == c_out`` (YOLO26).
     """
 
-    def __init__(self, c_in: int, c_out: int, k: int = 5, *, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, c_in: int, c_out: int, k: int = 5, n: int = 3, *, shortcut: bool = False, cv1_act: bool = True,
+                 dtype=None, rngs: nnx.Rngs):
         c_ = c_in // 2
-        self.cv1 = ConvBnAct(c_in, c_, 1, dtype=dtype, rngs=rngs)
-        self.cv2 = ConvBnAct(c_ * 4, c_out, 1, dtype=dtype, rngs=rngs)
-        self.k = k
+        self.cv1 = ConvBnAct(c_in, c_, 1, act=cv1_act, dtype=dtype, rngs=rngs)
+        self.cv2 = ConvBnAct(c_ * (n + 1), c_out, 1, dtype=dtype, rngs=rngs)
+        self.k, self.n = k, n
+        self.add = shortcut and c_in == c_out
 
     def __call__(self, x):
         ys = [self.cv1(x)]
-        for _ in range(3):
+        for _ in range(self.n):
             ys.append(maxpool_same(ys[-1], self.k))
-        return self.cv2(jnp.concatenate(ys, axis=-1))
+        y = self.cv2(jnp.concatenate(ys, axis=-1))
+        return y + x if self.add else y
+
+
+class SCDown(nnx.Module):
+    """YOLOv10 ``SCDown(c1, c2, k, s)``: pointwise ``Conv`` to ``c2`` then a
+    depthwise ``k x k`` stride-``s`` ``Conv`` without activation."""
+
+    def __init__(self, c1: int, c2: int, k: int, s: int, *, dtype=None, rngs: nnx.Rngs):
+        self.cv1 = ConvBnAct(c1, c2, 1, dtype=dtype, rngs=rngs)
+        self.cv2 = ConvBnAct(c2, c2, k, s, groups=c2, act=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.cv2(self.cv1(x))
+
+
+class RepVGGDW(nnx.Module):
+    """YOLOv10 ``RepVGGDW(ed)`` in its training form: ``SiLU(dw7x7(x) +
+    dw3x3(x))``, both depthwise ``Conv`` without activation (upstream's
+    ``fuse()`` folds them into one 7x7 for inference; the sum is the same)."""
+
+    def __init__(self, ed: int, *, dtype=None, rngs: nnx.Rngs):
+        self.conv = ConvBnAct(ed, ed, 7, 1, p=3, groups=ed, act=False, dtype=dtype, rngs=rngs)
+        self.conv1 = ConvBnAct(ed, ed, 3, 1, p=1, groups=ed, act=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.silu(self.conv(x) + self.conv1(x))
+
+
+class CIB(nnx.Module):
+    """YOLOv10 compact inverted block ``CIB(c1, c2, shortcut, e, lk)``:
+    ``cv1`` = dw3x3, 1x1 to ``2 c_``, dw3x3 (or :class:`RepVGGDW` with
+    ``lk``), 1x1 to ``c2``, dw3x3, all with SiLU; residual when ``shortcut
+    and c1 == c2``."""
+
+    def __init__(self, c1: int, c2: int, *, shortcut: bool = True, e: float = 0.5, lk: bool = False, dtype=None,
+                 rngs: nnx.Rngs):
+        c_ = int(c2 * e)
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.cv1 = Sequential([
+            ConvBnAct(c1, c1, 3, groups=c1, **kw),
+            ConvBnAct(c1, 2 * c_, 1, **kw),
+            RepVGGDW(2 * c_, **kw) if lk else ConvBnAct(2 * c_, 2 * c_, 3, groups=2 * c_, **kw),
+            ConvBnAct(2 * c_, c2, 1, **kw),
+            ConvBnAct(c2, c2, 3, groups=c2, **kw),
+        ])
+        self.add = shortcut and c1 == c2
+
+    def __call__(self, x):
+        return x + self.cv1(x) if self.add else self.cv1(x)
+
+
+class C2fCIB(C2f):
+    """YOLOv10 ``C2fCIB(c1, c2, n, shortcut, lk)``: a C2f whose blocks are
+    ``CIB(c, c, shortcut, e=1.0, lk)``."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, *, shortcut: bool = False, lk: bool = False, e: float = 0.5,
+                 dtype=None, rngs: nnx.Rngs):
+        super().__init__(c1, c2, n, shortcut=shortcut, e=e, dtype=dtype, rngs=rngs)
+        self.m = nnx.List([CIB(self.c, self.c, shortcut=shortcut, e=1.0, lk=lk, dtype=dtype, rngs=rngs) for _ in range(n)])
+
+
+class PSA(nnx.Module):
+    """YOLOv10 ``PSA(c1, c2, e)``: split ``cv1(x)`` in halves ``a, b``; ``b +=
+    attn(b)`` (``max(c // 64, 1)`` heads), ``b += ffn(b)``; ``cv2(cat(a, b))``."""
+
+    def __init__(self, c1: int, c2: int, *, e: float = 0.5, dtype=None, rngs: nnx.Rngs):
+        if c1 != c2:
+            raise ValueError(f"PSA needs c1 == c2, got {c1} and {c2}")
+        self.c = int(c1 * e)
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.cv1 = ConvBnAct(c1, 2 * self.c, 1, **kw)
+        self.cv2 = ConvBnAct(2 * self.c, c1, 1, **kw)
+        self.attn = Attention(self.c, max(self.c // 64, 1), 0.5, **kw)
+        self.ffn = Sequential([ConvBnAct(self.c, 2 * self.c, 1, **kw), ConvBnAct(2 * self.c, self.c, 1, act=False, **kw)])
+
+    def __call__(self, x):
+        y = self.cv1(x)
+        a, b = y[..., : self.c], y[..., self.c :]
+        b = b + self.attn(b)
+        b = b + self.ffn(b)
+        return self.cv2(jnp.concatenate([a, b], axis=-1))
 
 
 class YoloxDWConv(nnx.Module):

@@ -5,6 +5,8 @@ names                           upstream        loss       defined in
 ==============================  ==============  =========  ==========================
 ``yolov8{n,s,m,l,x}``           ultralytics     yolov8     ``cfg/models/v8/yolov8.yaml``
 ``yolo11{n,s,m,l,x}``           ultralytics     yolov8     ``cfg/models/11/yolo11.yaml``
+``yolo26{n,s,m,l,x}``           ultralytics     e2e        ``cfg/models/26/yolo26.yaml``
+``yolov10{n,s,m,b,l,x}``        ultralytics     e2e        ``cfg/models/v10/yolov10*.yaml``
 ``yolov5{n,s,m,l,x}``           yolov5          yolov5     ``models/yolov5{n,s,m,l,x}.yaml``
 ``yolox-{nano,tiny,s,m,l,x}``   yolox           yolox      ``yolox/exp/default/yolox_*.py``
 ==============================  ==============  =========  ==========================
@@ -30,7 +32,7 @@ class ModelSpec:
     Attributes:
       name: registry name (``"yolov8n"``).
       family: the upstream package: ``"ultralytics"``, ``"yolov5"`` or ``"yolox"``.
-      head_type: the loss family (``"yolov8"``, ``"yolov5"``, ``"yolox"``).
+      head_type: the loss family (``"yolov8"``, ``"e2e"``, ``"yolov5"``, ``"yolox"``).
       scale: the upstream scale key (``"n"``, ``"nano"`` ...).
       builder: ``builder(*, nc, name, dtype, rngs, **family_kwargs) -> model``.
     """
@@ -44,9 +46,10 @@ class ModelSpec:
 
 def _table() -> dict[str, ModelSpec]:
     out = {}
-    for arch in ("yolov8", "yolo11"):
+    for arch in ("yolov8", "yolo11", "yolo26", "yolov10"):
+        head_type = "e2e" if ultralytics.HEAD[arch][1] else "yolov8"
         for s in ultralytics.SCALES[arch][1]:
-            out[arch + s] = ModelSpec(arch + s, "ultralytics", "yolov8", s, functools.partial(ultralytics.build_ultralytics, arch, s))
+            out[arch + s] = ModelSpec(arch + s, "ultralytics", head_type, s, functools.partial(ultralytics.build_ultralytics, arch, s))
     for s in yolov5.SCALES:
         out["yolov5" + s] = ModelSpec("yolov5" + s, "yolov5", "yolov5", s, functools.partial(yolov5.build_yolov5, s))
     for s in yolox.SCALES:
@@ -89,24 +92,34 @@ def build_model(name: str, *, nc: int, seed: int = 0, dtype=None, **kwargs) -> n
     return spec.builder(nc=nc, name=name, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs)
 
 
-def model_loss(model, preds, targets):
+def model_loss(model, preds, targets, *, o2m_weight=None):
     """The loss of ``model``'s family with upstream's default hyperparameters:
-    ``yolov8_loss`` (ultralytics ``v8DetectionLoss``), ``yolov5_loss``
-    (``ComputeLoss``, initial level balance) or ``yolox_loss`` (``get_losses``).
+    ``yolov8_loss`` (ultralytics ``v8DetectionLoss``), ``e2e_loss`` (``E2ELoss``,
+    which ultralytics 8.4.190 trains every end-to-end model with, YOLOv10
+    included), ``yolov5_loss`` (``ComputeLoss``, initial level balance) or
+    ``yolox_loss`` (``get_losses``).
 
     Args:
       model: any jaxyolo detector (``head_type``, ``strides``, ``head``).
       preds: ``model(images)``.
       targets: :class:`jaxyolo.Targets` ``(B, M)``.
+      o2m_weight: end-to-end models only: the one-to-many weight
+        (:func:`jaxyolo.e2e_o2m_weight` of the epoch); None: 0.8 (epoch 0).
 
     Returns:
       ``(total, components)`` as the loss returns them (scalar float32, dict).
     """
     import jaxyolo
 
+    if o2m_weight is not None and model.head_type != "e2e":
+        raise ValueError(f"o2m_weight: only end-to-end models have one, {model.name} is a {model.head_type} model")
     if model.head_type == "yolov8":
         config = jaxyolo.TalLossConfig(reg_max=model.head.reg_max)
         return jaxyolo.yolov8_loss(preds, targets, strides=model.strides, config=config)
+    if model.head_type == "e2e":
+        config = jaxyolo.E2ELossConfig(reg_max=model.head.reg_max)
+        return jaxyolo.e2e_loss(preds["one2many"], preds["one2one"], targets, o2m_weight=o2m_weight, strides=model.strides,
+                                config=config)
     if model.head_type == "yolov5":
         total, parts, _ = jaxyolo.yolov5_loss(preds, targets, anchors=model.head.anchor_array, strides=model.strides)
         return total, parts

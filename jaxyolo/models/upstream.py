@@ -210,7 +210,8 @@ def raw_outputs(module, family: str, x):
     tensors in upstream's layout, in the module's current mode (no
     ``no_grad`` here):
 
-    * ultralytics: ``Detect``'s ``boxes``/``scores`` dict split back per level, ``(B, 4 reg_max + nc, H, W)``;
+    * ultralytics: ``Detect``'s ``boxes``/``scores`` dict split back per level, ``(B, 4 reg_max + nc, H, W)``
+      (an end-to-end head: ``{"one2many": [...], "one2one": [...]}``);
     * yolov5: ``Detect``'s training-mode list ``(B, na, H, W, 5 + nc)``;
     * yolox: ``cat(reg_preds, obj_preds, cls_preds)`` per level ``(B, 5 + nc, H, W)``
       (captured from the head's convs; the module must be in eval mode).
@@ -218,9 +219,10 @@ def raw_outputs(module, family: str, x):
     if family == "ultralytics":
         out = module(x)
         preds = out if module.training else out[1]
-        cat = torch().cat([preds["boxes"], preds["scores"]], 1)
-        sizes = [f.shape[2] * f.shape[3] for f in preds["feats"]]
-        return [c.reshape(*c.shape[:2], *f.shape[2:]) for c, f in zip(cat.split(sizes, 2), preds["feats"])]
+        if "one2one" in preds:  # an end-to-end head: both branches, on the one-to-many branch's feats
+            feats = preds["one2many"]["feats"]
+            return {k: _ultralytics_levels(preds[k], feats) for k in ("one2many", "one2one")}
+        return _ultralytics_levels(preds, preds["feats"])
     if family == "yolov5":
         out = module(x)
         return list(out if module.training else out[1])
@@ -238,6 +240,12 @@ def raw_outputs(module, family: str, x):
         for h in hooks:
             h.remove()
     return [torch().cat([got[(kind, k)] for kind in ("reg_preds", "obj_preds", "cls_preds")], 1) for k in range(len(head.stems))]
+
+
+def _ultralytics_levels(preds, feats):
+    cat = torch().cat([preds["boxes"], preds["scores"]], 1)
+    sizes = [f.shape[2] * f.shape[3] for f in feats]
+    return [c.reshape(*c.shape[:2], *f.shape[2:]) for c, f in zip(cat.split(sizes, 2), feats)]
 
 
 def to_nhwc(t, family: str) -> np.ndarray:
