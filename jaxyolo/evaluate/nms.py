@@ -1,4 +1,5 @@
-"""Static-shape, batched, class-aware non-maximum suppression in JAX."""
+"""Static-shape, batched, class-aware non-maximum suppression in JAX, and the
+NMS-free top-k selection of end-to-end heads (YOLO26, YOLOv10)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-__all__ = ["batched_nms", "nms_reference"]
+__all__ = ["batched_nms", "end2end_topk", "select_detections", "nms_reference"]
 
 
 def _candidates(scores, *, k, multi_label):
@@ -139,6 +140,64 @@ def batched_nms(boxes, scores, *, conf_thres=0.001, iou_thres=0.7, max_det=100, 
     )
     *out, count = jax.vmap(fn)(boxes.astype(jnp.float32), scores.astype(jnp.float32))
     return (*out, count) if with_count else tuple(out)
+
+
+def end2end_topk(boxes, scores, *, conf_thres=0.0, max_det=300, with_count=False):
+    """The detections of an end-to-end (one-to-one) head, without NMS:
+    ultralytics 8.4.190 ``Detect.postprocess`` (``get_topk_index``, not
+    class-agnostic) then ``non_max_suppression(end2end=True)``'s threshold.
+
+    With ``k = min(max_det, A)``: the ``k`` anchors of highest best-class
+    score; among their ``k x nc`` (anchor, class) scores the ``k`` highest,
+    each a detection of that class (an anchor can give several classes);
+    kept when its score ``> conf_thres``.  Ties take the lower index first
+    (``jax.lax.top_k``; torch's order among equal scores is unspecified).
+
+    Args:
+      boxes: ``(B, A, 4)`` xyxy boxes in pixels (the one-to-one branch).
+      scores: ``(B, A, nc)`` class scores in ``[0, 1]``.
+      conf_thres: a detection needs a score ``> conf_thres``.
+      max_det: D, detections per image (upstream's ``max_det``, 300).
+      with_count: also return ``(B,) int32`` the kept detections per image.
+
+    Returns:
+      as :func:`batched_nms`: ``boxes (B, D, 4)``, ``scores (B, D)``,
+      ``classes (B, D) int32``, ``valid (B, D) bool``, descending score,
+      padded (zeros, invalid) where ``A < D``.
+    """
+    if boxes.ndim != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be (B, A, 4), got {tuple(boxes.shape)}")
+    if scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
+        raise ValueError(f"scores must be (B, A, nc) with (B, A) = {tuple(boxes.shape[:2])}, got {tuple(scores.shape)}")
+    if not isinstance(max_det, int) or isinstance(max_det, bool) or max_det < 1:
+        raise ValueError(f"max_det must be a positive int, got {max_det!r}")
+    boxes, scores = boxes.astype(jnp.float32), scores.astype(jnp.float32)
+    b, a, nc = scores.shape
+    k = min(max_det, a)
+    _, anchor = jax.lax.top_k(scores.max(-1), k)  # (B, k)
+    cand = jnp.take_along_axis(scores, anchor[..., None], axis=1).reshape(b, k * nc)
+    top, flat = jax.lax.top_k(cand, k)
+    anchor = jnp.take_along_axis(anchor, flat // nc, axis=1)
+    out_boxes = jnp.take_along_axis(boxes, anchor[..., None], axis=1)
+    classes = (flat % nc).astype(jnp.int32)
+    valid = top > conf_thres
+    pad = max_det - k
+    if pad:
+        out_boxes = jnp.pad(out_boxes, ((0, 0), (0, pad), (0, 0)))
+        top, classes, valid = (jnp.pad(v, ((0, 0), (0, pad))) for v in (top, classes, valid))
+    out = (out_boxes, jnp.where(valid, top, 0.0), jnp.where(valid, classes, 0), valid)
+    return (*out, valid.sum(-1, dtype=jnp.int32)) if with_count else out
+
+
+def select_detections(boxes, scores, *, end2end: bool, conf_thres, iou_thres, max_det, multi_label=False,
+                      pre_nms_topk=1000, with_count=False):
+    """:func:`end2end_topk` for an end-to-end model's one-to-one predictions
+    (``end2end=True``; ``iou_thres``, ``multi_label`` and ``pre_nms_topk`` do
+    not apply), :func:`batched_nms` otherwise; the same outputs."""
+    if end2end:
+        return end2end_topk(boxes, scores, conf_thres=conf_thres, max_det=max_det, with_count=with_count)
+    return batched_nms(boxes, scores, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, multi_label=multi_label,
+                       pre_nms_topk=pre_nms_topk, with_count=with_count)
 
 
 def nms_reference(boxes, scores, *, conf_thres=0.001, iou_thres=0.7, max_det=100):
