@@ -1,6 +1,6 @@
 """Whole-model training-step benchmark: jaxyolo vs upstream PyTorch, same weights and inputs.
 
-    python experiments/bench_models.py                       # yolov8n, yolo11n, yolov5n, yolox-nano; B=16, 640x640
+    python experiments/bench_models.py                       # yolov8n, yolo11n, yolo26n, yolov10n, yolov5n, yolox-nano; B=16, 640x640
     python experiments/bench_models.py --models yolov8n --batch 4 --img 320 --repeats 3
     python experiments/bench_models.py --json rows.json     # also the rows as JSON
 
@@ -16,7 +16,7 @@ For each model, one forward + backward of the model *with its matching loss*
   conv-only network, ``--floor``) alternate, one of each per round, so that a
   shared machine's changing speed does not favour one side.
 * upstream: the upstream model built by upstream's code, its own loss
-  (ultralytics ``DetectionModel.loss`` = ``v8DetectionLoss``, yolov5
+  (ultralytics ``DetectionModel.loss`` = ``v8DetectionLoss``, ``E2ELoss`` for YOLO26/YOLOv10, yolov5
   ``ComputeLoss``, YOLOX ``get_losses`` through ``YOLOX.forward``) and
   ``backward()``; on CUDA when ``torch.cuda.is_available()``, else on the CPU
   with all cores; ``.grad`` cleared outside the timed region.
@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_common import cpu_description, load_check, median_ms, random_targets, time_jitted  # noqa: E402
 
-MODELS = ("yolov8n", "yolo11n", "yolov5n", "yolox-nano")
+MODELS = ("yolov8n", "yolo11n", "yolo26n", "yolov10n", "yolov5n", "yolox-nano")
 
 
 def jax_step(model):

@@ -45,16 +45,16 @@ def _defaults():
 
 def build_parser() -> argparse.ArgumentParser:
     from jaxyolo.data.stream import CACHES
-    from jaxyolo.train.config import RECIPES
+    from jaxyolo.train.config import LOSSES, RECIPES
 
     d = _defaults()
     p = argparse.ArgumentParser(prog="jaxyolo", description="Train, evaluate and run YOLO detectors in JAX/Flax NNX.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a detector", formatter_class=_Help)
-    t.add_argument("--model", default=None, help="pico | nano | small (jaxyolo's own, head of --loss), or an upstream architecture: yolov8n..x, yolo11n..x, yolov5n..x, yolox-nano|tiny|s|m|l|x (default: pico, or the --weights' architecture)")
+    t.add_argument("--model", default=None, help="pico | nano | small (jaxyolo's own, head of --loss), or an upstream architecture: yolov8n..x, yolo11n..x, yolo26n..x, yolov10n|s|m|b|l|x, yolov5n..x, yolox-nano|tiny|s|m|l|x (default: pico, or the --weights' architecture)")
     t.add_argument("--weights", default=None, help="initial weights of an upstream --model: a `jaxyolo convert` folder or an upstream .pt/.pth (tensors of matching shape are loaded)")
-    t.add_argument("--loss", choices=("yolov8", "yolov5", "yolox"), default=None, help="loss (and head of the own models; default: the model's family, yolov8 for the own models)")
+    t.add_argument("--loss", choices=LOSSES, default=None, help="loss (and head of the own models; default: the model's family, yolov8 for the own models; e2e: ultralytics' E2ELoss of the end-to-end models)")
     t.add_argument("--data", default=d.data, help="'embedded', an Ultralytics data.yaml, a COCO folder (annotations/instances_<split>*.json) or .json file, or a folder with images/ + labels/")
     t.add_argument("--images", default=None, help="the images folder of a COCO .json --data")
     t.add_argument("--nc", type=int, default=None, help="number of classes, checked against the dataset (default: the dataset's)")
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, with a checkpoint (default: run every epoch)")
     t.add_argument("--save-every", type=int, default=None, help="also checkpoint every N steps (long epochs on preemptible machines; default: each epoch's end). SIGTERM or Ctrl-C stops at the next step with a checkpoint and exit status 75; --resume continues exactly")
     t.add_argument("--seed", type=int, default=d.seed, help="model init, data order and augmentation draws")
+    t.add_argument("--nms", action="store_true", help="end-to-end models (yolo26*, yolov10*): detect with the one-to-many branch and NMS, as upstream's nms=True (default: the one-to-one branch's top max_det scores, no NMS)")
     t.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="bf16: convolutions and activations in bfloat16; parameters, optimiser, EMA, BatchNorm statistics and losses stay float32")
     t.add_argument("--log-every", type=int, default=50, help="fetch the logged values from the device every N steps (one steps.csv row per N steps)")
     t.add_argument("--devices", type=int, default=None, help="data-parallel over the first N local devices (default: all devices)")
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=None, help="evaluation batch (default: the run's batch)")
     e.add_argument("--rect", action=argparse.BooleanOptionalAction, default=True, help="rectangular batches as `yolo val`: images sorted by aspect ratio, each batch letterboxed to ceil(shape * S / 32 + 0.5) * 32 (a square image at S = 128 gets a 160 x 160 frame); --no-rect: every image in its S x S frame, as the trainer's evaluation")
     e.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
+    e.add_argument("--nms", action=argparse.BooleanOptionalAction, default=None, help="end-to-end models (yolo26*, yolov10*): detect with the one-to-many branch and NMS, as upstream's nms=True; --no-nms: the one-to-one branch's top scores, no NMS (default: the run's choice; no NMS for converted weights)")
 
     r = sub.add_parser("predict", help="run a checkpoint on images and draw the detections", formatter_class=_Help)
     r.add_argument("source", help="an image file or a folder of images")
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-det", type=int, default=300, help="detections per image")
     r.add_argument("--img-size", type=int, default=None, help="inference size, multiple of 32 (default: the run's training size; 640 for converted weights)")
     r.add_argument("--batch", type=int, default=8, help="images per forward pass")
+    r.add_argument("--nms", action=argparse.BooleanOptionalAction, default=None, help="end-to-end models (yolo26*, yolov10*): detect with the one-to-many branch and NMS, as upstream's nms=True; --no-nms: the one-to-one branch's top --max-det scores, no NMS (default: the run's choice; no NMS for converted weights)")
     r.add_argument("--save-txt", action="store_true", help="also write labels/<image>.txt: 'cls cx cy w h conf' normalised to the original image")
 
     c = sub.add_parser("convert", help="convert an upstream PyTorch checkpoint to a jaxyolo weights folder", formatter_class=_Help)
@@ -179,7 +182,7 @@ def _train(args) -> int:
             args.recipe, model=model or "pico", loss=args.loss, weights=args.weights, data=args.data, images=args.images, nc=args.nc, epochs=args.epochs,
             img_size=args.img_size, batch=args.batch, train_size=args.train_size,
             val_size=args.val_size, max_boxes=args.max_boxes, eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed,
-            precision=args.precision, **recipe_fields, **aug,
+            precision=args.precision, nms=args.nms, **recipe_fields, **aug,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -204,7 +207,7 @@ def _eval(args) -> int:
 
     try:
         evaluate_checkpoint(args.checkpoint, batch_size=args.batch, devices=args.devices, data=args.data, images=args.images, img_size=args.img_size,
-                            rect=args.rect)
+                            rect=args.rect, nms=args.nms)
     except _USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
     return 0
@@ -214,7 +217,6 @@ def _predict(args) -> int:
     import jax
 
     from jaxyolo._xla import compiler_options
-    from jaxyolo.evaluate import batched_nms
     from jaxyolo.predict import iter_predictions, list_images, save_prediction
     from jaxyolo.train import load_session
 
@@ -225,13 +227,13 @@ def _predict(args) -> int:
                 raise ValueError(f"--{name} must be in [{lo}, {hi}], got {v}")
         if args.batch < 1 or args.max_det < 1:
             raise ValueError("--batch and --max-det must be >= 1")
-        session, meta = load_session(args.checkpoint, devices=1, img_size=args.img_size)  # checks --img-size first
+        session, meta = load_session(args.checkpoint, devices=1, img_size=args.img_size, nms=args.nms)  # checks --img-size first
     except _USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out) if args.out is not None else _next_free(Path("runs") / "predict")
     size = session.config.img_size
     conf, iou, max_det = args.conf, args.iou, args.max_det
-    nms = jax.jit(lambda p, s, im: batched_nms(*session.decode_images(p, s, im), conf_thres=conf, iou_thres=iou, max_det=max_det),
+    nms = jax.jit(lambda p, s, im: session.detect(p, s, im, conf_thres=conf, iou_thres=iou, max_det=max_det),
                   compiler_options=compiler_options())
     params, stats = session.ema["params"], session.ema["stats"]
     names = meta["names"]

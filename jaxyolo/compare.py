@@ -13,7 +13,10 @@ With YOLO labels (``--labels``, or ``labels/`` next to ``images/``) it also
 prints the loss and its components on both sides: the upstream model's own
 loss (ultralytics ``DetectionModel.loss``, yolov5 ``ComputeLoss``, YOLOX's
 head in training mode) with default hyperparameters, BatchNorm on its running
-statistics, against ``yolov8_loss`` / ``yolov5_loss`` / ``yolox_loss``.
+statistics, against ``yolov8_loss`` / ``e2e_loss`` / ``yolov5_loss`` /
+``yolox_loss``.  End-to-end models (YOLO26, YOLOv10) are compared on both
+branches (``one2many``, ``one2one``), their loss as ``E2ELoss`` in its first
+epoch (one-to-many weight 0.8).
 Needs torch and the upstream package (``pip install jaxyolo[torch]``).
 """
 
@@ -100,12 +103,18 @@ def _upstream_loss(module, family, x, raw, rows, targets, image_size):
             module.args = get_cfg()  # upstream's default hyperparameters (box 7.5, cls 0.5, dfl 1.5)
             module.criterion = None
             reg = 4 * module.model[-1].reg_max
-            cat = t.cat([r.reshape(*r.shape[:2], -1) for r in raw], 2)
-            preds = {"boxes": cat[:, :reg], "scores": cat[:, reg:], "feats": raw}
+
+            def branch(levels):
+                cat = t.cat([r.reshape(*r.shape[:2], -1) for r in levels], 2)
+                return {"boxes": cat[:, :reg], "scores": cat[:, reg:], "feats": levels}
+
+            # an end-to-end model: E2ELoss at its first epoch's weights (o2m 0.8), the one-to-one items
+            preds = {k: branch(v) for k, v in raw.items()} if isinstance(raw, dict) else branch(raw)
             batch = {"batch_idx": t.from_numpy(rows[:, 0]), "cls": t.from_numpy(rows[:, 1:2]), "bboxes": t.from_numpy(rows[:, 2:])}
             loss, items = module.loss(batch, preds)
             items = items.values() if isinstance(items, dict) else items
-            return float(loss.sum()), dict(zip(("box", "cls", "dfl"), (float(v) for v in items)))
+            names = ("box", "cls", "dfl" if reg > 4 else "l1")  # upstream calls YOLO26's L1 term dfl_loss
+            return float(loss.sum()), dict(zip(names, (float(v) for v in items)))
         if family == "yolov5":
             from yolov5.utils.loss import ComputeLoss
 
@@ -155,7 +164,7 @@ def compare(weights, *, name: str | None = None, nc: int | None = None, images=N
     """Run the upstream and the converted model on the same images (see the module docstring).
 
     Returns:
-      ``{"name", "levels": [{"stride", "shape", "max_abs", "max_ref", "rel"}], "loss": None |
+      ``{"name", "levels": [{"branch", "stride", "shape", "max_abs", "max_ref", "rel"}], "loss": None |
       {"jaxyolo": (total, parts), "upstream": (total, parts), "rel"}}``.
     """
     import jax
@@ -184,15 +193,19 @@ def compare(weights, *, name: str | None = None, nc: int | None = None, images=N
     xt = upstream.torch_images(x, family)
     with t.no_grad():
         raw = upstream.raw_outputs(module, family, xt)
-    ref = [upstream.to_nhwc(r, family) for r in raw]
     jax_preds = nnx.jit(lambda m, im: m(im))(model, jnp.asarray(x))
-    ours = [np.asarray(p, np.float32) for p in jax_preds]
+    # an end-to-end model's two branches, one2many then one2one; else one unnamed branch
+    branches = list(raw) if isinstance(raw, dict) else [None]
     levels = []
-    log(f"{'level':>5} {'stride':>6} {'shape':>18} {'max|diff|':>10} {'max|ref|':>10} {'rel':>9}")
-    for i, (a, r, s) in enumerate(zip(ours, ref, model.strides)):
-        max_abs, max_ref = float(np.abs(a - r).max()), float(np.abs(r).max())
-        levels.append(dict(stride=s, shape=r.shape[1:], max_abs=max_abs, max_ref=max_ref, rel=max_abs / max(max_ref, 1e-30)))
-        log(f"{i:>5} {s:>6} {'x'.join(map(str, r.shape[1:])):>18} {max_abs:>10.2e} {max_ref:>10.3g} {levels[-1]['rel']:>9.2e}")
+    col = (lambda b: f"{b:>8} ") if isinstance(raw, dict) else (lambda b: "")
+    log(f"{col('branch')}{'level':>5} {'stride':>6} {'shape':>18} {'max|diff|':>10} {'max|ref|':>10} {'rel':>9}")
+    for b in branches:
+        ref = [upstream.to_nhwc(r, family) for r in (raw if b is None else raw[b])]
+        ours = [np.asarray(p, np.float32) for p in (jax_preds if b is None else jax_preds[b])]
+        for i, (a, r, s) in enumerate(zip(ours, ref, model.strides)):
+            max_abs, max_ref = float(np.abs(a - r).max()), float(np.abs(r).max())
+            levels.append(dict(branch=b, stride=s, shape=r.shape[1:], max_abs=max_abs, max_ref=max_ref, rel=max_abs / max(max_ref, 1e-30)))
+            log(f"{col(b)}{i:>5} {s:>6} {'x'.join(map(str, r.shape[1:])):>18} {max_abs:>10.2e} {max_ref:>10.3g} {levels[-1]['rel']:>9.2e}")
 
     loss = None
     if rows is not None:

@@ -23,6 +23,7 @@ def checkpoints(oracles, tmp_path_factory):
     t.save({"model": copy.deepcopy(v8).half(), "ema": None, "train_args": {}}, d / "yolov8n.pt")
     t.save({"model": copy.deepcopy(upstream_model("yolov5n", 2)).half()}, d / "yolov5n.pt")
     t.save({"model": upstream_model("yolox-nano", 3).state_dict()}, d / "yolox_nano.pth")
+    t.save({"model": copy.deepcopy(upstream_model("yolo26n", 5)).half(), "ema": None, "train_args": {}}, d / "yolo26n.pt")
     return d
 
 
@@ -198,6 +199,16 @@ def test_compare_random_images(checkpoints, capsys):
     levels = _levels(out)
     assert len(levels) == 3 and all(0 <= rel <= 1e-4 and ref > 0 for _, ref, rel in levels)
     assert "loss" not in out
+
+
+def test_compare_end_to_end(checkpoints, capsys):
+    """An end-to-end model (the name read from the .pt): both branches, each level within 1e-4."""
+    assert main(["compare", "--weights", str(checkpoints / "yolo26n.pt"), "--img-size", "64", "--tol", "1e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "yolo26n (ultralytics, nc=5), 2 random images, 64x64, eval mode" in out
+    rows = re.findall(r"^\s*(one2many|one2one)\s+\d+\s+\d+\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)$", out, re.M)
+    assert [r[0] for r in rows] == ["one2many"] * 3 + ["one2one"] * 3
+    assert all(float(ref) > 0 and 0 <= float(rel) <= 1e-4 for _, _, ref, rel in rows), rows
 
 
 def _assert_no_near_tie(weights, images, *, name):

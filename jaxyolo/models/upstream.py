@@ -127,7 +127,7 @@ def load_module(source, *, name: str | None = None, nc: int | None = None):
     return module.eval(), name
 
 
-_ULTRALYTICS_NAME = re.compile(r"^(yolov8|yolo11)([nslmx])?$")
+_ULTRALYTICS_NAME = re.compile(r"^(yolov8|yolo11|yolo26|yolov10)([nsmblx])?$")
 
 
 def _infer_name(module) -> str | None:

@@ -7,7 +7,7 @@ import json
 
 __all__ = ["TrainConfig", "LOSSES", "OPTIMIZERS", "PRECISIONS", "RECIPES", "SCHEDULES", "ULTRALYTICS_RECIPE"]
 
-LOSSES = ("yolov8", "yolov5", "yolox")
+LOSSES = ("yolov8", "e2e", "yolov5", "yolox")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "adamw", "auto")
 SCHEDULES = ("cosine", "linear")
@@ -34,8 +34,10 @@ class TrainConfig:
         backbone, the head of ``loss``), or an upstream architecture of
         :data:`jaxyolo.models.MODELS` (``"yolov8n"``, ``"yolo11s"``,
         ``"yolov5m"``, ``"yolox-nano"`` ...), whose family sets the loss.
-      loss: ``"yolov8" | "yolov5" | "yolox"``; None: the model's family
-        (``"yolov8"`` for the own models).
+      loss: ``"yolov8" | "e2e" | "yolov5" | "yolox"``; None: the model's family
+        (``"yolov8"`` for the own models; ``"e2e"``, ultralytics' ``E2ELoss``
+        with its one-to-many weight decaying over ``epochs``, for YOLO26 and
+        YOLOv10).
       weights: initial weights for an upstream ``model``: a jaxyolo weights
         folder (``jaxyolo convert``) or an upstream ``.pt``/``.pth``; tensors
         whose path and shape match are loaded (a different ``nc`` keeps the
@@ -110,7 +112,11 @@ class TrainConfig:
       seed: model init and data order.
       conf_thres, iou_thres, max_det: the evaluation NMS, ``yolo val``'s
         (multi-label; ``max_det`` raised to the most labels in one val image,
-        as ultralytics raises its default 300).
+        as ultralytics raises its default 300).  An end-to-end model (YOLO26,
+        YOLOv10) keeps its one-to-one branch's top ``max_det`` scores above
+        ``conf_thres``, no NMS (:func:`jaxyolo.evaluate.end2end_topk`).
+      nms: end-to-end models only: evaluate (and predict) with the
+        one-to-many branch and NMS instead, upstream's ``nms=True``.
       eval_every: evaluate mAP every this many epochs (and always at the end).
       max_steps: stop (with a checkpoint) after this many global steps; for
         interrupted runs and tests.  None: run all epochs.
@@ -161,6 +167,7 @@ class TrainConfig:
     conf_thres: float = 0.001
     iou_thres: float = 0.7
     max_det: int = 300
+    nms: bool = False
     eval_every: int = 2
     max_steps: int | None = None
 
@@ -177,6 +184,8 @@ class TrainConfig:
             raise ValueError(f"model must be one of {', '.join(MODEL_SIZES)} or an upstream architecture ({', '.join(MODELS)}), got {self.model!r}")
         if self.loss is None:
             object.__setattr__(self, "loss", family or "yolov8")
+        elif family is None and self.loss == "e2e":
+            raise ValueError(f"loss='e2e' needs an end-to-end architecture (yolo26n..x, yolov10n..x), not model={self.model!r}")
         elif family is not None and self.loss != family:
             raise ValueError(f"loss={self.loss!r} does not fit model={self.model!r}, a {family} architecture (leave --loss out)")
         for name, choices in (("recipe", RECIPES), ("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):

@@ -258,7 +258,7 @@ def train(
 
         nc = train_data.nc
         session = Session(config, nc=nc, steps_per_epoch=spe, mesh=mesh, log_every=log_every, log=None if resume else log, train_images=len(train_data))
-        names = main_loss_names(config.loss)
+        names = main_loss_names(config.loss, session.reg_max)
         history, epoch, start = [], 0, 0
         acc = new_acc(session.names, log_every)
         if meta is not None:
@@ -404,17 +404,19 @@ def check_img_size(img_size) -> int | None:
 CONVERTED_IMG_SIZE = 640  # converted weights run at upstream's default (`yolo val`, `yolo predict`)
 
 
-def _open(path, *, img_size: int | None = None):
+def _open(path, *, img_size: int | None = None, nms: bool | None = None):
     """What :func:`load_session` loads, up to the model: ``(config, meta,
     build)`` with ``build(mesh) -> Session`` building the model (the slow
     part), so that the inputs can be checked first."""
     img_size = check_img_size(img_size)
+    if nms is not None and not isinstance(nms, bool):
+        raise ValueError(f"nms must be a bool or None, got {nms!r}")
     p = Path(path)
     if p.is_file() or (p / "model.json").is_file():
         from jaxyolo.models import load_weights
 
         src = load_weights(p)
-        config = TrainConfig(model=src.name, weights=str(p), img_size=img_size or CONVERTED_IMG_SIZE, batch=8)
+        config = TrainConfig(model=src.name, weights=str(p), img_size=img_size or CONVERTED_IMG_SIZE, batch=8, nms=bool(nms))
         names = list(src.class_names) if src.class_names else [str(i) for i in range(src.nc)]
         meta = {"names": names, "has_names": bool(src.class_names), "nc": src.nc, "step": 0, "converted": True}
         return config, meta, lambda mesh: Session(config, nc=src.nc, steps_per_epoch=1, mesh=mesh)
@@ -427,6 +429,8 @@ def _open(path, *, img_size: int | None = None):
     config = TrainConfig.from_json(meta["config"])
     if img_size is not None:  # the parameters do not depend on the size
         config = dataclasses.replace(config, img_size=img_size)
+    if nms is not None:
+        config = dataclasses.replace(config, nms=nms)
 
     def build(mesh):
         session = Session(config, nc=meta["nc"], steps_per_epoch=max(1, config.train_size // config.batch), mesh=mesh)
@@ -436,7 +440,7 @@ def _open(path, *, img_size: int | None = None):
     return config, {**meta, "has_names": True, "step": latest}, build
 
 
-def load_session(path, *, devices: int | None = None, img_size: int | None = None):
+def load_session(path, *, devices: int | None = None, img_size: int | None = None, nms: bool | None = None):
     """The model to evaluate or run: ``(session, meta)``.
 
     ``path`` is a run folder (the EMA model of its latest checkpoint;
@@ -450,8 +454,12 @@ def load_session(path, *, devices: int | None = None, img_size: int | None = Non
     is the size the model runs at, ``session.config.img_size``: the square
     frame the images are letterboxed to.  None: 640 for converted weights (as
     upstream), a run's training size for a run.
+
+    ``nms``: end-to-end models (YOLO26, YOLOv10): True detects with the
+    one-to-many branch and NMS, False with the one-to-one branch's top-k (no
+    NMS); None: the run's ``config.nms`` (False for converted weights).
     """
-    _, meta, build = _open(path, img_size=img_size)
+    _, meta, build = _open(path, img_size=img_size, nms=nms)
     return build(parallel.make_mesh(devices)), meta
 
 
@@ -469,7 +477,7 @@ def check_classes(model_names, data_names, *, has_names: bool = True) -> None:
 
 def evaluate_checkpoint(
     path, *, log=print, batch_size: int | None = None, data=None, devices: int | None = None, images=None, img_size: int | None = None,
-    workers: int | None = None, rect: bool = True,
+    workers: int | None = None, rect: bool = True, nms: bool | None = None,
 ):
     """Evaluate the model of ``path`` (a run's latest EMA model, or converted
     weights: see :func:`load_session`) on the val split of the run's data, or
@@ -493,10 +501,12 @@ def evaluate_checkpoint(
     ``workers`` processes, :func:`jaxyolo.data.stream.default_workers` by
     default), never held in RAM whole.
 
+    ``nms``: as :func:`load_session`.
+
     Logs ``yolo val``'s table (all classes, then each class) and ``<path>
     (step N | converted weights, S px): val mAP50 ... (yolo val)   COCO ...``.
     Returns the dict of :func:`jaxyolo.evaluate.evaluate_model`."""
-    config, meta, build = _open(path, img_size=img_size)
+    config, meta, build = _open(path, img_size=img_size, nms=nms)
     mesh = parallel.make_mesh(devices)
     if batch_size is not None:
         parallel.check_batch(batch_size, mesh)

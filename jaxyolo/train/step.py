@@ -14,6 +14,7 @@ over the mesh and donated to the step; the batch is sharded along B.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from flax import nnx
 
 import jaxyolo
 from jaxyolo.data.augment import augment
-from jaxyolo.evaluate import EVAL_PRE_NMS_TOPK, batched_nms
+from jaxyolo.evaluate import EVAL_PRE_NMS_TOPK, select_detections
 from jaxyolo.models import build_detector, build_model, load_weights, transfer_weights
 from jaxyolo.targets import Targets
 from jaxyolo import parallel
@@ -45,23 +46,36 @@ __all__ = ["make_objective", "main_loss_names", "log_names", "build_train_model"
 
 
 def make_objective(config: TrainConfig, *, strides, nc: int, reg_max: int = 16, anchors=None):
-    """``f(preds, targets) -> (objective, logs)`` for ``config.loss``.
+    """``f(preds, targets) -> (objective, logs)`` for ``config.loss``
+    (``"e2e"``: ``f(preds, targets, *, epoch)``, the 0-based epoch, a traced
+    int, that sets ``E2ELoss``'s one-to-many weight, :func:`jaxyolo.e2e_o2m_weight`).
 
     ``objective`` is what the optimiser minimises: ``total * nbs / B`` for
-    YOLOv5/v8 (upstream's gradient scale; see :class:`TrainConfig`), YOLOX's
+    YOLOv5/v8/e2e (upstream's gradient scale; see :class:`TrainConfig`), YOLOX's
     ``total`` as is; under ``recipe="ultralytics"`` upstream's ``loss.sum()``,
     the ``x B`` total, whose gradients the step sums over the accumulated batches.  ``logs`` holds ``"loss"`` (the per-image loss: ``total /
-    B`` for v5/v8, ``total`` for YOLOX) and the loss's components.
+    B`` for v5/v8/e2e, ``total`` for YOLOX) and the loss's components
+    (:func:`main_loss_names`).
     """
     strides = tuple(strides)
     summed = config.recipe == "ultralytics"
+
+    def scaled(total, comps, b):
+        return total if summed else total * config.nbs / b, {"loss": total / b, **comps}
+
     if config.loss == "yolov8":
         cfg = jaxyolo.TalLossConfig(reg_max=reg_max)
 
         def f(preds, targets):
-            total, comps = jaxyolo.yolov8_loss(preds, targets, strides=strides, config=cfg)
-            b = preds[0].shape[0]
-            return total if summed else total * config.nbs / b, {"loss": total / b, **comps}
+            return scaled(*jaxyolo.yolov8_loss(preds, targets, strides=strides, config=cfg), preds[0].shape[0])
+
+    elif config.loss == "e2e":
+        cfg = jaxyolo.E2ELossConfig(reg_max=reg_max)
+
+        def f(preds, targets, *, epoch):
+            o2m = jaxyolo.e2e_o2m_weight(epoch, config.epochs)
+            total, comps = jaxyolo.e2e_loss(preds["one2many"], preds["one2one"], targets, o2m_weight=o2m, strides=strides, config=cfg)
+            return scaled(total, comps, targets.mask.shape[0])
 
     elif config.loss == "yolov5":
         cfg = jaxyolo.scale_yolov5_hyp(jaxyolo.Yolov5LossConfig(), nc=nc, num_levels=len(strides), img_size=config.img_size)
@@ -69,8 +83,7 @@ def make_objective(config: TrainConfig, *, strides, nc: int, reg_max: int = 16, 
 
         def f(preds, targets):
             total, comps, _ = jaxyolo.yolov5_loss(preds, targets, anchors=anchors, strides=strides, config=cfg)
-            b = preds[0].shape[0]
-            return total if summed else total * config.nbs / b, {"loss": total / b, **comps}
+            return scaled(total, comps, preds[0].shape[0])
 
     else:
         cfg = jaxyolo.YoloxLossConfig()
@@ -82,14 +95,17 @@ def make_objective(config: TrainConfig, *, strides, nc: int, reg_max: int = 16, 
     return f
 
 
-def main_loss_names(loss: str):
-    return {"yolov8": ("box", "cls", "dfl"), "yolov5": ("box", "obj", "cls"), "yolox": ("iou", "obj", "cls")}[loss]
+def main_loss_names(loss: str, reg_max: int = 16):
+    """The loss components logged for ``loss`` (YOLOv8/e2e with ``reg_max =
+    1``, YOLO26's DFL-free head: the L1 term ``"l1"`` in place of ``"dfl"``)."""
+    tal = ("box", "cls", "dfl" if reg_max > 1 else "l1")
+    return {"yolov8": tal, "e2e": tal, "yolov5": ("box", "obj", "cls"), "yolox": ("iou", "obj", "cls")}[loss]
 
 
-def log_names(loss: str):
+def log_names(loss: str, reg_max: int = 16):
     """Every value the train step logs, in column order (``boxes_cut``: boxes
     of the augmented batch beyond ``max_boxes``, dropped; see TrainConfig)."""
-    return ("loss", *main_loss_names(loss), "lr", "grad_norm", "boxes_cut")
+    return ("loss", *main_loss_names(loss, reg_max), "lr", "grad_norm", "boxes_cut")
 
 
 # ---------------------------------------------------------- logged values
@@ -193,14 +209,17 @@ class Session:
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         parallel.check_batch(config.batch, self.mesh)
         self.log_every = log_every
-        self.names = log_names(config.loss)
         self.batch_sharding = parallel.batch_sharding(self.mesh)
         self.replicated = parallel.replicated(self.mesh)
         model = build_train_model(config, nc=nc, log=log)
         self.strides = model.strides
         self.reg_max = getattr(model.head, "reg_max", 16)
+        self.names = log_names(config.loss, self.reg_max)
         self.anchors = model.head.anchor_array if config.loss == "yolov5" else None
-        self.decode = model.decode  # uses only static attributes
+        # End-to-end models keep their one-to-one branch's top scores (no NMS)
+        # unless config.nms asks for the one-to-many branch and NMS.
+        self.end2end = bool(getattr(model, "end2end", False)) and not config.nms
+        self.decode = functools.partial(model.decode, one2many=True) if getattr(model, "end2end", False) and config.nms else model.decode
         self.dtype = _PRECISION[config.precision]
         self.plan = None
         if config.recipe == "ultralytics":
@@ -268,7 +287,10 @@ class Session:
             # statistics and the losses stay float32.
             model = nnx.merge(self.graph_train, _cast_floats(params, self.dtype), stats)
             preds = model(_to_float_images(images, self.dtype))
-            obj, logs = self.objective(preds, targets)
+            if config.loss == "e2e":
+                obj, logs = self.objective(preds, targets, epoch=state["step"] // self.steps_per_epoch)
+            else:
+                obj, logs = self.objective(preds, targets)
             _, _, new_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
             return obj, (logs, _cast_floats(nnx.pure(new_stats), jnp.float32))
 
@@ -330,10 +352,18 @@ class Session:
         """Eval-mode forward + decode: ``images (B, H, W, 3) uint8`` ->
         ``(boxes (B, A, 4) xyxy px, scores (B, A, nc))`` float32 (not jitted)."""
         model = nnx.merge(self.graph_eval, _cast_floats(params, self.dtype), stats)
-        return self.decode([p.astype(jnp.float32) for p in model(_to_float_images(images, self.dtype))])
+        return self.decode(jax.tree.map(lambda p: p.astype(jnp.float32), model(_to_float_images(images, self.dtype))))
 
     def _predict(self, params, stats, images, max_det):
         # The evaluation NMS of ``yolo val``: multi-label, conf/IoU/max_det of the config.
         c = self.config
-        return batched_nms(*self.decode_images(params, stats, images), conf_thres=c.conf_thres, iou_thres=c.iou_thres,
-                           max_det=max_det or c.max_det, multi_label=True, pre_nms_topk=EVAL_PRE_NMS_TOPK, with_count=True)
+        return self.detect(params, stats, images, conf_thres=c.conf_thres, iou_thres=c.iou_thres, max_det=max_det or c.max_det,
+                           multi_label=True, pre_nms_topk=EVAL_PRE_NMS_TOPK, with_count=True)
+
+    def detect(self, params, stats, images, *, conf_thres, iou_thres, max_det, multi_label=False, pre_nms_topk=1000,
+               with_count=False):
+        """:meth:`decode_images` then the detections: NMS, or for an
+        end-to-end model the one-to-one top-k (:func:`jaxyolo.evaluate.select_detections`)."""
+        return select_detections(*self.decode_images(params, stats, images), end2end=self.end2end, conf_thres=conf_thres,
+                                 iou_thres=iou_thres, max_det=max_det, multi_label=multi_label, pre_nms_topk=pre_nms_topk,
+                                 with_count=with_count)
