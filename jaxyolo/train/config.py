@@ -187,7 +187,7 @@ class TrainConfig:
         elif family is None and self.loss == "e2e":
             raise ValueError(f"loss='e2e' needs an end-to-end architecture (yolo26n..x, yolov10n..x), not model={self.model!r}")
         elif family is not None and self.loss != family:
-            raise ValueError(f"loss={self.loss!r} does not fit model={self.model!r}, a {family} architecture (leave --loss out)")
+            raise ValueError(f"loss={self.loss!r} does not fit model={self.model!r}, whose loss is {family!r} (leave --loss out)")
         for name, choices in (("recipe", RECIPES), ("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
