@@ -285,6 +285,10 @@ def musgd_step(grads, state: MuSGDState, params, *, lr, momentum, weight_decay, 
     rest = [treedef.flatten_up_to(t) for t in (grads, state.momentum, state.momentum_sgd, lr, weight_decay, muon_mask)]
     flat_key = treedef.flatten_up_to(batch_key)
     muon_idx = [i for i, m in enumerate(rest[5]) if m]
+    odd = [i for i in muon_idx if flat_p[i].ndim < 2]
+    if odd:  # Muon orthogonalises matrices (upstream's muon_update: "each must have at least two dimensions")
+        path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params)[0][odd[0]][0])
+        raise ValueError(f"muon_mask: Muon needs a matrix or conv filter, but {path} of shape {flat_p[odd[0]].shape} is marked")
     tr = _transposed([flat_p[i].shape for i in muon_idx], [flat_key[i] for i in muon_idx], layout)
     transpose = dict(zip(muon_idx, tr))
     out = [leaf(*args, transpose.get(i)) for i, args in enumerate(zip(flat_p, *rest))]
