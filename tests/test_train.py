@@ -170,6 +170,25 @@ def test_musgd_recipe_trains_a_few_steps(one_batch):
     assert {k for k, v in flat.items() if v == 3.0} == {k for k in flat if k.startswith("['head']['cv3']")} != set()
 
 
+def test_ultralytics_recipe_session_builds_musgd_groups():
+    """``recipe="ultralytics", optimizer="musgd"``: the Session's optimizer
+    steps MuSGD on build_optimizer's six LR groups, the lr x3 halves (3..5)
+    exactly the head's class branch ``cv3`` (jaxyolo's pico: a top-level
+    ``head``), and its state holds Muon buffers for the kernels.  (No step is
+    compiled; the steps against upstream: tests/test_recipe_trajectory.py.)"""
+    from jaxyolo.train.muon import MuSGDState
+
+    cfg = TrainConfig.from_recipe("ultralytics", optimizer="musgd", model="pico", img_size=64, batch=4, nbs=8, epochs=2, max_boxes=8)
+    session = Session(cfg, nc=6, steps_per_epoch=4)
+    assert (session.plan.optimizer, session.plan.groups, session.plan.lr0) == ("musgd", 6, 0.01)
+    groups = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(session.tx.groups)[0]}
+    assert sorted(set(groups.values())) == [0, 1, 2, 3, 4, 5]
+    assert {k for k, v in groups.items() if v >= 3} == {k for k in groups if k.startswith("['head']['cv3']")}
+    assert all(v % 3 == {"kernel": 0, "scale": 1, "bias": 2}[k.rsplit("'", 2)[-2]] for k, v in groups.items())
+    opt = session.state["opt_state"]
+    assert isinstance(opt, MuSGDState) and all(b.ndim == 4 for k, b in jax.tree_util.tree_flatten_with_path(opt.momentum_sgd)[0] if "kernel" in jax.tree_util.keystr(k))
+
+
 def test_musgd_checks_name_the_argument():
     """What cannot work is refused by name: a Muon leaf that is no matrix, a
     parameter group past the plan's LR groups (the jit would clamp the index)."""
