@@ -79,7 +79,7 @@ class TrainConfig:
         ``warmup_bias_lr`` 0 for runs of at most 10 000 iterations, MuSGD
         with lr0 0.01, momentum 0.9 and ``warmup_bias_lr`` 0 beyond.
       lr0: peak learning rate; lrf: final LR as a fraction of lr0.
-      momentum: SGD momentum / AdamW beta1 (0.937 as YOLO).
+      momentum: SGD / MuSGD momentum (also Muon's beta) / AdamW beta1 (0.937 as YOLO).
       weight_decay: on conv kernels only (not BatchNorm, not biases).
       warmup_epochs: linear warmup from 0 to lr0 (at least ``warmup_min_steps`` steps).
       warmup_momentum, warmup_bias_lr: recipe "ultralytics" only: SGD's

@@ -68,6 +68,10 @@ that is ``muon_mask`` (which leaves get the Muon step), ``decay_mask``
 branches); :func:`ultralytics_musgd_masks` computes all three from a
 jaxyolo/flax parameter tree whose paths are upstream's ``state_dict`` keys.
 The trainer's ``muon=0.2, sgd=1.0`` are this transformation's defaults.
+``TrainConfig(optimizer="musgd")`` trains with :func:`musgd` (recipe
+"jaxyolo", :func:`jaxyolo.train.optim.make_optimizer`) or with
+:func:`musgd_step` at the group LRs of upstream's warmup and LambdaLR
+(recipe "ultralytics", :class:`jaxyolo.train.optim.UltralyticsOptimizer`).
 """
 
 from __future__ import annotations

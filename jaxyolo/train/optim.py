@@ -31,7 +31,8 @@ def lr_schedule(config: TrainConfig, total_steps: int, steps_per_epoch: int):
     warmup_min_steps)`` steps (capped at half the run), then cosine or linear
     decay to ``peak * lrf`` at ``total_steps``.  ``peak = lr0`` (times
     ``batch / 64`` for YOLOX with SGD, its per-image LR rule; AdamW is
-    invariant to the loss scale, so it takes ``lr0`` as is)."""
+    invariant to the loss scale, so it takes ``lr0`` as is, and so does
+    MuSGD, whose Muon half is)."""
     peak = config.lr0 * (config.batch / 64 if config.loss == "yolox" and config.optimizer == "sgd" else 1.0)
     warm = int(min(max(config.warmup_epochs * steps_per_epoch, config.warmup_min_steps), total_steps // 2))
     decay = max(total_steps - warm, 1)
