@@ -45,7 +45,7 @@ def _defaults():
 
 def build_parser() -> argparse.ArgumentParser:
     from jaxyolo.data.stream import CACHES
-    from jaxyolo.train.config import LOSSES, RECIPES
+    from jaxyolo.train.config import LOSSES, OPTIMIZERS, RECIPES
 
     d = _defaults()
     p = argparse.ArgumentParser(prog="jaxyolo", description="Train, evaluate and run YOLO detectors in JAX/Flax NNX.")
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default: runs/<loss>, then runs/<loss>-2, ...; with --resume the latest runs/<loss>*)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved config")
     t.add_argument("--recipe", choices=RECIPES, default=d.recipe, help="jaxyolo: this trainer's short-run recipe (AdamW 3e-3, cosine, EMA tau = steps / 5); ultralytics: ultralytics' trainer step for step (optimizer auto, parameter groups, warmup per iteration, accumulation to nbs 64, LambdaLR per epoch, EMA tau 2000, close-mosaic 10; see docs/training.md)")
-    t.add_argument("--optimizer", choices=("sgd", "adamw", "auto"), default=None, help="AdamW, or SGD with Nesterov momentum 0.937; auto (--recipe ultralytics): upstream's rule (default: the recipe's, adamw | auto)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="AdamW, SGD with Nesterov momentum 0.937, or ultralytics' MuSGD (Muon on conv kernels + Nesterov SGD); auto (--recipe ultralytics): upstream's rule, AdamW or MuSGD beyond 10k iterations (default: the recipe's, adamw | auto)")
     t.add_argument("--lr0", type=float, default=None, help="peak learning rate (default: the recipe's, 0.003 | 0.01; optimizer auto picks its own)")
     t.add_argument("--train-size", type=int, default=d.train_size, help="embedded training images")
     t.add_argument("--val-size", type=int, default=d.val_size, help="embedded validation images")

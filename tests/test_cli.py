@@ -1,6 +1,7 @@
 """The CLI end to end with a tiny config, and its error messages."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,18 @@ def test_parser_defaults_and_help(capsys):
         if cmd == "train":
             assert "(default: 0.5)" in text and "(default: runs/<loss>" in text
 
+
+
+def test_optimizer_choices_are_the_configs(capsys):
+    """``--optimizer`` offers TrainConfig's optimizers (musgd included) and no other."""
+    from jaxyolo.train.config import OPTIMIZERS
+
+    assert "musgd" in OPTIMIZERS
+    for name in OPTIMIZERS:
+        assert build_parser().parse_args(["train", "--optimizer", name]).optimizer == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--optimizer", "muon"])
+    assert re.search(r"invalid choice: 'muon' \(choose from '?sgd'?, '?adamw'?, '?musgd'?, '?auto'?\)", capsys.readouterr().err)
 
 
 # ------------------------------------------------ users' own datasets

@@ -27,6 +27,7 @@ A wrong LR, momentum or accumulation count is caught exactly (they are
 compared to 1e-6 / equal), a wrong loss scale by the gradient norm (x4 here).
 """
 
+import contextlib
 import copy
 import math
 import time
@@ -72,7 +73,7 @@ def upstream_args(config: TrainConfig, **extra):
     """ultralytics' ``args`` for ``config``'s recipe fields."""
     from ultralytics.cfg import get_cfg
 
-    names = {"auto": "auto", "sgd": "SGD", "adamw": "AdamW"}
+    names = {"auto": "auto", "sgd": "SGD", "adamw": "AdamW", "musgd": "MuSGD"}
     return get_cfg(overrides=dict(
         imgsz=config.img_size, batch=config.batch, epochs=config.epochs, nbs=config.nbs, optimizer=names[config.optimizer],
         lr0=config.lr0, lrf=config.lrf, momentum=config.momentum, weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
@@ -388,6 +389,102 @@ def test_optimizer_steps_match_torch(oracles, optimizer):
     assert warm_lrs[1, 2] > 0.05 > warm_lrs[1, 0] > 0  # the bias group's LR falls from 0.1, the others rise from 0
 
 
+@pytest.mark.parametrize("ns_float32", [True, False], ids=["ns_float32", "ns_bfloat16"])
+def test_musgd_steps_match_torch(oracles, ns_float32):
+    """``UltralyticsOptimizer`` with ``optimizer="musgd"`` + the plan's six LR
+    groups against the MuSGD that upstream's ``_build_train_pipeline`` builds
+    (``build_optimizer(name="MuSGD")``: muon / weight / bn / bias groups, each
+    split off at lr x3 for the head's ``cv3``), driven by upstream's warmup
+    block (bias groups from ``warmup_bias_lr`` 0.1, the lr x3 bias group
+    included, the momentum from 0.8) and two LambdaLR steps, on the same
+    random gradients: LRs and momentum to 1e-6 at every iteration; the
+    parameters after every step to 1e-6 of each tensor's max with
+    Newton-Schulz in float32 on both sides (measured 1.2e-7 .. 1.5e-7 over 6
+    gradient draws); with upstream's bfloat16 the leaves without Muon as
+    closely (7e-8) and the Muon leaves to 1% of the sum of their Muon step
+    sizes ``lr * 0.2`` so far (measured 0.07% .. 0.4% over the 6 draws, up to
+    5.4e-5 of the tensor's max: the bfloat16 GEMM's summation order, see
+    jaxyolo/train/muon.py)."""
+    from test_e2e import _nest, _to_flax, _torch_model
+
+    torch = oracles.torch()
+    cfg = TrainConfig.from_recipe("ultralytics", optimizer="musgd", epochs=3, batch=16, nbs=64, warmup_epochs=1.0, weight_decay=0.05, schedule="cosine")
+    nb = 4
+    m = _torch_model(oracles)
+    tr = upstream_trainer(m, cfg, nc=3, n_images=nb * cfg.batch)
+    assert type(tr.optimizer).__name__ == "MuSGD"
+    plan = UltralyticsPlan.from_config(cfg, nc=3, steps_per_epoch=nb)
+    named = dict(m.named_parameters())
+    to_flax = {k: _to_flax(k, v.detach().numpy())[0] for k, v in named.items()}
+    params = _nest({to_flax[k]: jnp.asarray(_to_flax(k, v.detach().numpy())[1]) for k, v in named.items()})
+    groups = ultralytics_param_groups(params, musgd=True)
+    # upstream's group of every tensor, as (GROUP_NAMES index, + 3 at lr x3): its muon group is the weight group here
+    by_id = {id(p): k for k, p in named.items()}
+    theirs = {}
+    for g in tr.optimizer.param_groups:
+        k = GROUP_NAMES.index("weight" if g["param_group"] == "muon" else g["param_group"]) + 3 * (g["initial_lr"] != cfg.lr0)
+        theirs.update({by_id[id(p)]: k for p in g["params"]})
+        assert g["use_muon"] == (g["param_group"] == "muon") and g["nesterov"]
+    ours = {k: _at(groups, path) for k, path in to_flax.items()}
+    assert ours == theirs and sorted(set(ours.values())) == [0, 1, 2, 3, 5]  # the head's cv3: a lr x3 kernel (3) and bias (5)
+    tx = UltralyticsOptimizer(plan, groups, ns_dtype=jnp.float32 if ns_float32 else jnp.bfloat16)
+    step = jax.jit(lambda g, s, p, ni: tx.step(g, s, p, **{k: v for k, v in plan.hyperparams(ni).items() if k != "accumulate"}))
+    opt_state = tx.init(params)
+    nw = tr._get_warmup_iterations(nb)
+    assert nw == plan.nw == 4
+    tr.scheduler.last_epoch = -1
+    rng = np.random.default_rng(1)
+    worst, muon_worst, lr_seen = 0.0, 0.0, []
+    muon_lr = {k: 0.0 for k in named}  # per tensor: the sum of its Muon step sizes lr * muon so far
+    for epoch in range(cfg.epochs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tr.scheduler.step()
+        for i in range(nb):
+            ni = i + nb * epoch
+            # ---- copied from BaseTrainer._do_train (warmup block)
+            if nw and ni <= nw:
+                xi = [0, nw]
+                for x in tr.optimizer.param_groups:
+                    x["lr"] = float(np.interp(ni, xi, [tr.args.warmup_bias_lr if x.get("param_group") == "bias" else 0.0, x["initial_lr"] * tr.lf(epoch)]))
+                    if "momentum" in x:
+                        x["momentum"] = float(np.interp(ni, xi, [tr.args.warmup_momentum, tr.args.momentum]))
+            # ----
+            hp = jax.device_get(plan.hyperparams(ni))
+            for k, p in named.items():
+                g = next(x for x in tr.optimizer.param_groups if any(q is p for q in x["params"]))
+                np.testing.assert_allclose(hp["lr"][ours[k]], g["lr"], rtol=1e-6, err_msg=f"iteration {ni} {k}")
+                np.testing.assert_allclose(hp["momentum"], g["momentum"], rtol=1e-7, err_msg=f"iteration {ni} {k}")
+            lr_seen.append(hp["lr"])
+            grads = {k: rng.standard_normal(p.shape).astype(np.float32) for k, p in named.items()}
+            for k, p in named.items():
+                p.grad = torch.from_numpy(grads[k])
+            with oracles.float32_newton_schulz() if ns_float32 else contextlib.nullcontext():
+                tr.optimizer.step()
+            params, opt_state = step(_nest({to_flax[k]: jnp.asarray(_to_flax(k, g)[1]) for k, g in grads.items()}), opt_state, params, ni)
+            for k, p in named.items():
+                ref = _to_flax(k, p.detach().numpy())[1]
+                err = float(np.max(np.abs(np.asarray(_at(params, to_flax[k])) - ref)))
+                muon_lr[k] += float(hp["lr"][ours[k]]) * 0.2 if p.ndim in (2, 4) else 0.0
+                if muon_lr[k] and not ns_float32:  # bfloat16 Newton-Schulz: in units of the Muon steps taken
+                    muon_worst = max(muon_worst, err / muon_lr[k])
+                else:  # no Newton-Schulz in the step, or float32's: float32's agreement
+                    worst = max(worst, err / float(np.max(np.abs(ref))))
+    print(f"MuSGD ({'float32' if ns_float32 else 'bfloat16'} Newton-Schulz): parameters within {worst:.1e} of each tensor's max"
+          + ("" if ns_float32 else f", Muon leaves within {muon_worst:.1e} of their summed Muon step sizes"))
+    assert worst < 1e-6
+    assert muon_worst < 1e-2
+    lr_seen = np.array(lr_seen)
+    assert lr_seen[1, 5] > 0.05 and lr_seen[1, 5] != pytest.approx(3 * lr_seen[1, 2])  # the lr x3 bias group falls from 0.1 too
+    np.testing.assert_allclose(lr_seen[nw:, 3], 3 * lr_seen[nw:, 0], rtol=1e-6)  # after the warmup: the lr x3 groups at 3 lr0 lf
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
 # ---------------------------------------------------------- the recipe as data
 
 
@@ -433,7 +530,7 @@ def test_auto_rule_and_accumulation_as_upstream(oracles):
     """``optimizer=auto``, ``accumulate`` and the scaled decay against
     upstream's own ``_build_train_pipeline`` + ``build_optimizer`` on a tiny
     module, over batch sizes and dataset sizes on both sides of the 10 000
-    iteration threshold (MuSGD: a ValueError naming it)."""
+    iteration threshold (AdamW up to it, MuSGD beyond)."""
     torch = oracles.torch()
     from jaxyolo.train.optim import ultralytics_auto_optimizer
 
@@ -446,14 +543,20 @@ def test_auto_rule_and_accumulation_as_upstream(oracles):
         assert plan.weight_decay == groups["weight"]["weight_decay"] and groups["bn"]["weight_decay"] == groups["bias"]["weight_decay"] == 0
         assert (plan.lr0, plan.momentum, plan.warmup_bias_lr) == (groups["weight"]["lr"], groups["weight"]["betas"][0], tr.args.warmup_bias_lr)
         assert type(tr.optimizer).__name__ == "AdamW" and plan.optimizer == "adamw"
-    # beyond 10 000 iterations upstream builds MuSGD; jaxyolo refuses, naming it
-    cfg = TrainConfig.from_recipe("ultralytics", batch=16, epochs=100)
-    holder = torch.nn.Module()
-    holder.model = _tiny_torch_model(torch)  # MuSGD looks for the head at model.model[-1]
-    tr = upstream_trainer(holder, cfg, nc=80, n_images=118287)
-    assert type(tr.optimizer).__name__ == "MuSGD"
-    with pytest.raises(ValueError, match=r"picks MuSGD for 184900 > 10000 iterations .*pass optimizer 'sgd' or 'adamw'"):
-        UltralyticsPlan.from_config(cfg, nc=80, steps_per_epoch=7393, n_images=118287)
+    # beyond 10 000 iterations: MuSGD, lr0 0.01, momentum 0.9, the bias warmup from 0 (10 010 and 184 900 iterations)
+    for nc, n_images, batch, epochs in ((3, 64064, 32, 10), (80, 118287, 16, 100)):
+        cfg = TrainConfig.from_recipe("ultralytics", batch=batch, epochs=epochs)
+        holder = torch.nn.Module()
+        holder.model = _tiny_torch_model(torch)  # MuSGD looks for the head at model.model[-1]
+        tr = upstream_trainer(holder, cfg, nc=nc, n_images=n_images)
+        plan = UltralyticsPlan.from_config(cfg, nc=nc, steps_per_epoch=math.ceil(n_images / batch), n_images=n_images)
+        muon = next(g for g in tr.optimizer.param_groups if g["param_group"] == "muon" and g["params"])
+        assert type(tr.optimizer).__name__ == "MuSGD" and plan.optimizer == "musgd"
+        assert (plan.lr0, plan.momentum, plan.warmup_bias_lr) == (muon["lr"], muon["momentum"], tr.args.warmup_bias_lr) == (0.01, 0.9, 0.0)
+        assert plan.weight_decay == muon["weight_decay"] and plan.accumulate == tr.accumulate
+        assert plan.target_momentum == tr.args.momentum == 0.937  # where the warmup's momentum ends: auto leaves args.momentum
+    assert ultralytics_auto_optimizer(nc=3, n_images=64064, batch=32, epochs=10) == ("musgd", 0.01, 0.9)
+    assert ultralytics_auto_optimizer(nc=3, n_images=64000, batch=32, epochs=10)[0] == "adamw"  # exactly 10 000
     assert ultralytics_auto_optimizer(nc=80, n_images=6400, batch=16, epochs=100) == ("adamw", 0.000119, 0.9)
 
 

@@ -136,6 +136,76 @@ def test_sgd_is_nesterov_with_decay_on_weights():
     assert isinstance(optax.global_norm(upd), jax.Array)
 
 
+@pytest.mark.slow
+def test_musgd_recipe_trains_a_few_steps(one_batch):
+    """``optimizer="musgd"`` under the default recipe: 3 steps of pico on one
+    batch (clipped at 10, as the recipe's default) with a finite loss move
+    every kernel and every backbone leaf (BatchNorm and biases: the SGD half;
+    the head's box branch at the two coarser strides gets no gradient from
+    this batch); the Muon state (``momentum_sgd`` beside ``momentum``) is
+    held by exactly the conv kernels (pico's only 2-D/4-D leaves), and the
+    head's class branch runs at lr x3.  (26 s, the train step's compile,
+    on a 2-core machine; 2 min when it is busy.)"""
+    from flax import nnx
+
+    from jaxyolo.train.muon import MuSGDState, ultralytics_musgd_masks
+
+    cfg = dataclasses.replace(TINY, optimizer="musgd", lr0=0.01, grad_clip=10.0, warmup_min_steps=0, **NO_AUG)
+    session = Session(cfg, nc=6, steps_per_epoch=300)
+    p0 = jax.device_get(session.state["params"])
+    state, ema, acc = session.state, session.ema, session.new_acc()
+    losses = []
+    for _ in range(3):
+        state, ema, acc = session.train_step(state, ema, acc, one_batch)
+        losses.append(float(acc["last"]["loss"]))
+    assert np.all(np.isfinite(losses)), losses
+    p1 = jax.device_get(state["params"])
+    moved = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda a, b: bool(np.any(a != b)), p0, p1))[0]}
+    assert all(v for k, v in moved.items() if k.endswith("['kernel']") or k.startswith("['backbone']")), moved
+    (ms,) = [s for s in state["opt_state"] if isinstance(s, MuSGDState)]
+    held = [k for k, b in jax.tree_util.tree_flatten_with_path(ms.momentum_sgd)[0] if b.ndim > 0]
+    assert held == [k for k, p in jax.tree_util.tree_flatten_with_path(p1)[0] if p.ndim == 4] != []
+    _, _, lr_scale = ultralytics_musgd_masks(nnx.to_pure_dict(nnx.state(build_detector("yolov8", nc=6, size="pico"), nnx.Param)))
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(lr_scale)[0]}
+    assert {k for k, v in flat.items() if v == 3.0} == {k for k in flat if k.startswith("['head']['cv3']")} != set()
+
+
+def test_ultralytics_recipe_session_builds_musgd_groups():
+    """``recipe="ultralytics", optimizer="musgd"``: the Session's optimizer
+    steps MuSGD on build_optimizer's six LR groups, the lr x3 halves (3..5)
+    exactly the head's class branch ``cv3`` (jaxyolo's pico: a top-level
+    ``head``), and its state holds Muon buffers for the kernels.  (No step is
+    compiled; the steps against upstream: tests/test_recipe_trajectory.py.)"""
+    from jaxyolo.train.muon import MuSGDState
+
+    cfg = TrainConfig.from_recipe("ultralytics", optimizer="musgd", model="pico", img_size=64, batch=4, nbs=8, epochs=2, max_boxes=8)
+    session = Session(cfg, nc=6, steps_per_epoch=4)
+    assert (session.plan.optimizer, session.plan.groups, session.plan.lr0) == ("musgd", 6, 0.01)
+    groups = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(session.tx.groups)[0]}
+    assert sorted(set(groups.values())) == [0, 1, 2, 3, 4, 5]
+    assert {k for k, v in groups.items() if v >= 3} == {k for k in groups if k.startswith("['head']['cv3']")}
+    assert all(v % 3 == {"kernel": 0, "scale": 1, "bias": 2}[k.rsplit("'", 2)[-2]] for k, v in groups.items())
+    opt = session.state["opt_state"]
+    assert isinstance(opt, MuSGDState) and all(b.ndim == 4 for k, b in jax.tree_util.tree_flatten_with_path(opt.momentum_sgd)[0] if "kernel" in jax.tree_util.keystr(k))
+
+
+def test_musgd_checks_name_the_argument():
+    """What cannot work is refused by name: a Muon leaf that is no matrix, a
+    parameter group past the plan's LR groups (the jit would clamp the index)."""
+    from jaxyolo.train.muon import musgd
+    from jaxyolo.train.optim import UltralyticsOptimizer, UltralyticsPlan
+
+    params = {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones((4,))}
+    tx = musgd(0.01, muon_mask={"kernel": True, "bias": True})
+    with pytest.raises(ValueError, match=r"muon_mask: Muon needs a matrix or conv filter, but \['bias'\] of shape \(4,\)"):
+        tx.update(params, tx.init(params), params)
+    plan = UltralyticsPlan.from_config(TrainConfig.from_recipe("ultralytics", optimizer="sgd"), nc=3, steps_per_epoch=10)
+    with pytest.raises(ValueError, match=r"groups: plan.optimizer 'sgd' has 3 LR groups 0..2, got group 5"):
+        UltralyticsOptimizer(plan, {"kernel": 0, "bias": 5})
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="muon")
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="loss"):
         TrainConfig(loss="yolov7")

@@ -9,7 +9,7 @@ __all__ = ["TrainConfig", "LOSSES", "OPTIMIZERS", "PRECISIONS", "RECIPES", "SCHE
 
 LOSSES = ("yolov8", "e2e", "yolov5", "yolox")
 PRECISIONS = ("fp32", "bf16")
-OPTIMIZERS = ("sgd", "adamw", "auto")
+OPTIMIZERS = ("sgd", "adamw", "musgd", "auto")
 SCHEDULES = ("cosine", "linear")
 RECIPES = ("jaxyolo", "ultralytics")
 
@@ -72,13 +72,16 @@ class TrainConfig:
         nbs``, the EMA updated at each optimizer step with ``ema_decay``,
         ``ema_tau`` (their defaults 0.9999, 2000).  ``warmup_min_steps`` is
         not used by it.
-      optimizer: ``"sgd"`` (Nesterov, momentum) or ``"adamw"`` (betas
-        ``(momentum, 0.999)``); ``"auto"`` (recipe "ultralytics" only):
-        upstream's rule, AdamW with ``lr0 = round(0.002 * 5 / (4 + nc), 6)``,
-        beta1 0.9 and ``warmup_bias_lr`` 0 for runs of at most 10 000
-        iterations, MuSGD beyond (not implemented here: an error).
+      optimizer: ``"sgd"`` (Nesterov, momentum), ``"adamw"`` (betas
+        ``(momentum, 0.999)``) or ``"musgd"`` (ultralytics' MuSGD: Muon on
+        conv/linear kernels plus Nesterov SGD, momentum = Muon's beta, the
+        head's class branches at lr x3; :func:`jaxyolo.train.muon.musgd`);
+        ``"auto"`` (recipe "ultralytics" only): upstream's rule, AdamW with
+        ``lr0 = round(0.002 * 5 / (4 + nc), 6)``, beta1 0.9 and
+        ``warmup_bias_lr`` 0 for runs of at most 10 000 iterations, MuSGD
+        with lr0 0.01, momentum 0.9 and ``warmup_bias_lr`` 0 beyond.
       lr0: peak learning rate; lrf: final LR as a fraction of lr0.
-      momentum: SGD momentum / AdamW beta1 (0.937 as YOLO).
+      momentum: SGD / MuSGD momentum (also Muon's beta) / AdamW beta1 (0.937 as YOLO).
       weight_decay: on conv kernels only (not BatchNorm, not biases).
       warmup_epochs: linear warmup from 0 to lr0 (at least ``warmup_min_steps`` steps).
       warmup_momentum, warmup_bias_lr: recipe "ultralytics" only: SGD's

@@ -68,6 +68,10 @@ that is ``muon_mask`` (which leaves get the Muon step), ``decay_mask``
 branches); :func:`ultralytics_musgd_masks` computes all three from a
 jaxyolo/flax parameter tree whose paths are upstream's ``state_dict`` keys.
 The trainer's ``muon=0.2, sgd=1.0`` are this transformation's defaults.
+``TrainConfig(optimizer="musgd")`` trains with :func:`musgd` (recipe
+"jaxyolo", :func:`jaxyolo.train.optim.make_optimizer`) or with
+:func:`musgd_step` at the group LRs of upstream's warmup and LambdaLR
+(recipe "ultralytics", :class:`jaxyolo.train.optim.UltralyticsOptimizer`).
 """
 
 from __future__ import annotations
@@ -79,9 +83,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["MuSGDState", "musgd", "newton_schulz5", "ultralytics_musgd_masks"]
+__all__ = ["HEAD_LR_SCALE", "MuSGDState", "musgd", "musgd_init", "musgd_step", "newton_schulz5", "ultralytics_musgd_masks"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+HEAD_LR_SCALE = 3.0  # build_optimizer: MuSGD's groups of the detect head's class branches at lr * 3
 
 
 def _bf16(x):
@@ -225,6 +230,76 @@ def _tree_or_call(x, params, default):
     return x(params) if callable(x) else x
 
 
+def musgd_init(params, muon_mask) -> MuSGDState:
+    """The zero :class:`MuSGDState` of ``params`` (``muon_mask``: pytree of bools, the Muon leaves)."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    sgd_buf = jax.tree.map(lambda p, m: jnp.zeros_like(p) if m else jnp.zeros((), p.dtype), params, muon_mask)
+    return MuSGDState(jnp.zeros((), jnp.int32), zeros, sgd_buf)
+
+
+def musgd_step(grads, state: MuSGDState, params, *, lr, momentum, weight_decay, muon_mask, batch_key, nesterov: bool = True,
+               muon: float = 0.2, sgd: float = 1.0, layout: str = "flax", ns_dtype=jnp.bfloat16):
+    """One ``MuSGD.step`` with per-leaf hyperparameters, as upstream reads them
+    from each leaf's parameter group: ``(new_params, new_state)``.
+
+    Args:
+      grads, state, params: pytrees of ``params``' structure (``state`` from
+        :func:`musgd_init` with the same ``muon_mask``).
+      lr: pytree of each leaf's group ``lr`` (a Python float or a traced
+        ``()`` float32), before the ``muon`` / ``sgd`` weights.
+      momentum: the groups' ``momentum`` (float or traced ``()`` float32),
+        SGD's and Muon's ``beta`` alike.
+      weight_decay: pytree of each leaf's group ``weight_decay`` (Python
+        floats; 0 skips the decay term, as upstream).
+      muon_mask: pytree of bools, the leaves of a ``use_muon`` group.
+      batch_key: pytree of hashables, each leaf's parameter group: upstream
+        orthogonalises a group's matrices in batches (:func:`_transposed`).
+      nesterov, muon, sgd, layout, ns_dtype: as :func:`musgd`.
+    """
+    if layout not in ("flax", "torch"):
+        raise ValueError(f"layout must be 'flax' or 'torch', got {layout!r}")
+    f32 = jnp.float32
+    beta, one_minus = jnp.asarray(momentum, f32), jnp.asarray(1 - momentum, f32)  # a Python float rounds 1 - beta once, as torch's alpha
+
+    def leaf(p, g, buf, buf_sgd, lr_l, wd, is_muon, transpose):
+        g = g.astype(p.dtype)
+        new = p
+        # each line is one torch _foreach op: "a + alpha * b" is a fused multiply-add
+        # in both torch and XLA, a separate _foreach_mul_ is rounded (_rounded)
+        if is_muon:
+            buf = _rounded(buf * beta) + one_minus * g
+            u = _rounded(buf * beta) + one_minus * g if nesterov else buf
+            new = new + jnp.asarray(-(lr_l * muon), f32) * _muon_direction(u, layout, transpose, ns_dtype)
+            lr_s = lr_l * sgd
+        else:
+            lr_s = lr_l
+        if wd != 0:
+            g = g + f32(wd) * new  # the Muon-updated parameter, as upstream
+        b = buf_sgd if is_muon else buf
+        b = _rounded(b * beta) + g
+        step = g + beta * b if nesterov else b
+        new = new + jnp.asarray(-lr_s, f32) * step
+        if is_muon:
+            buf_sgd = b
+        else:
+            buf = b
+        return new, buf, buf_sgd
+
+    flat_p, treedef = jax.tree.flatten(params)
+    rest = [treedef.flatten_up_to(t) for t in (grads, state.momentum, state.momentum_sgd, lr, weight_decay, muon_mask)]
+    flat_key = treedef.flatten_up_to(batch_key)
+    muon_idx = [i for i, m in enumerate(rest[5]) if m]
+    odd = [i for i in muon_idx if flat_p[i].ndim < 2]
+    if odd:  # Muon orthogonalises matrices (upstream's muon_update: "each must have at least two dimensions")
+        path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params)[0][odd[0]][0])
+        raise ValueError(f"muon_mask: Muon needs a matrix or conv filter, but {path} of shape {flat_p[odd[0]].shape} is marked")
+    tr = _transposed([flat_p[i].shape for i in muon_idx], [flat_key[i] for i in muon_idx], layout)
+    transpose = dict(zip(muon_idx, tr))
+    out = [leaf(*args, transpose.get(i)) for i, args in enumerate(zip(flat_p, *rest))]
+    pick = lambda i: treedef.unflatten([o[i] for o in out])  # noqa: E731
+    return pick(0), MuSGDState(state.count + 1, pick(1), pick(2))
+
+
 def musgd(
     learning_rate,
     *,
@@ -278,10 +353,7 @@ def musgd(
         return mu, dec, sc
 
     def init(params):
-        mu, _, _ = masks(params)
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        sgd_buf = jax.tree.map(lambda p, m: jnp.zeros_like(p) if m else jnp.zeros((), p.dtype), params, mu)
-        return MuSGDState(jnp.zeros((), jnp.int32), zeros, sgd_buf)
+        return musgd_init(params, masks(params)[0])
 
     def update(grads, state, params=None):
         if params is None:
@@ -290,42 +362,13 @@ def musgd(
         # a constant learning rate stays a Python float, so that lr * scale * muon
         # rounds once to float32, as upstream's Python arithmetic
         lr = jnp.asarray(learning_rate(state.count), jnp.float32) if callable(learning_rate) else learning_rate
-
-        def leaf(p, g, buf, buf_sgd, is_muon, decays, scale, transpose):
-            g = g.astype(p.dtype)
-            lr_l = lr * scale
-            new = p
-            f32 = jnp.float32
-            # each line is one torch _foreach op: "a + alpha * b" is a fused multiply-add
-            # in both torch and XLA, a separate _foreach_mul_ is rounded (_rounded)
-            if is_muon:
-                buf = _rounded(buf * f32(momentum)) + f32(1 - momentum) * g  # Muon's beta is the momentum
-                u = _rounded(buf * f32(momentum)) + f32(1 - momentum) * g if nesterov else buf
-                new = new + jnp.asarray(-(lr_l * muon), jnp.float32) * _muon_direction(u, layout, transpose, ns_dtype)
-                lr_s = lr_l * sgd
-            else:
-                lr_s = lr_l
-            if decays and weight_decay != 0:
-                g = g + f32(weight_decay) * new  # the Muon-updated parameter, as upstream
-            b = buf_sgd if is_muon else buf
-            b = _rounded(b * f32(momentum)) + g
-            step = g + f32(momentum) * b if nesterov else b
-            new = new + jnp.asarray(-lr_s, jnp.float32) * step
-            if is_muon:
-                buf_sgd = b
-            else:
-                buf = b
-            return new - p, buf, buf_sgd
-
-        flat_p, treedef = jax.tree.flatten(params)
-        rest = [treedef.flatten_up_to(t) for t in (grads, state.momentum, state.momentum_sgd, mu, dec, sc)]
-        flat_mu, flat_dec, flat_sc = rest[3:]
-        muon_idx = [i for i, m in enumerate(flat_mu) if m]
-        tr = _transposed([flat_p[i].shape for i in muon_idx], [(flat_dec[i], flat_sc[i]) for i in muon_idx], layout)
-        transpose = dict(zip(muon_idx, tr))
-        out = [leaf(*args, transpose.get(i)) for i, args in enumerate(zip(flat_p, *rest))]
-        pick = lambda i: treedef.unflatten([o[i] for o in out])  # noqa: E731
-        return pick(0), MuSGDState(state.count + 1, pick(1), pick(2))
+        # the params' structure: jax.tree.map stops at its leaves (masks hold Python bools and floats)
+        lr_leaf = jax.tree.map(lambda _, s: lr * s, params, sc)
+        wd_leaf = jax.tree.map(lambda _, d: weight_decay if d else 0.0, params, dec)
+        key = jax.tree.map(lambda _, d, s: (bool(d), s), params, dec, sc)  # upstream's group: (decays, lr scale)
+        new, state = musgd_step(grads, state, params, lr=lr_leaf, momentum=momentum, weight_decay=wd_leaf, muon_mask=mu,
+                                batch_key=key, nesterov=nesterov, muon=muon, sgd=sgd, layout=layout, ns_dtype=ns_dtype)
+        return jax.tree.map(jnp.subtract, new, params), state
 
     return optax.GradientTransformation(init, update)
 
@@ -337,22 +380,24 @@ def ultralytics_musgd_masks(params, *, head: str | None = None):
     ``params``: a pytree whose key paths spell upstream's ``state_dict`` keys
     (``model/23/cv3/0/...``; flax leaf names ``kernel`` / ``scale`` /
     ``bias``).  Muon: every 2-D/4-D leaf; decay: Muon leaves and other
-    non-bias, non-``scale`` (normalisation) leaves; ``lr_scale`` 3 under the
-    detect head's ``cv3`` and ``one2one_cv3`` (``head``: the head's key,
-    default the largest integer key under ``model``), else 1.
+    non-bias, non-``scale`` (normalisation) leaves; ``lr_scale``
+    :data:`HEAD_LR_SCALE` (3) under the detect head's ``cv3`` and
+    ``one2one_cv3`` (``head``: the head's key; default the largest integer
+    key under ``model``, upstream's ``model[-1]``, else a top-level ``head``,
+    jaxyolo's own detectors), else 1.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [_keys(path) for path, _ in flat]
     if head is None:
         idx = [int(p[i + 1]) for p in paths for i in range(len(p) - 1) if p[i] == "model" and p[i + 1].isdigit()]
-        head = str(max(idx)) if idx else None
+        head = str(max(idx)) if idx else ("head" if any(p[:1] == ("head",) for p in paths) else None)
 
     def boosted(path):
         return any(path[i] == head and path[i + 1] in ("cv3", "one2one_cv3") for i in range(len(path) - 1))
 
     muon_mask = [p.ndim in (2, 4) for _, p in flat]
     decay_mask = [m or keys[-1] not in ("bias", "scale") for m, keys in zip(muon_mask, paths)]
-    lr_scale = [3.0 if boosted(keys) else 1.0 for keys in paths]
+    lr_scale = [HEAD_LR_SCALE if boosted(keys) else 1.0 for keys in paths]
     return tuple(treedef.unflatten(x) for x in (muon_mask, decay_mask, lr_scale))
 
 

@@ -1,12 +1,12 @@
 """Optimiser, LR schedule and ModelEMA: jaxyolo's own recipe in optax
 (:func:`make_optimizer`), ultralytics' ``BaseTrainer`` recipe step for
-step (:class:`UltralyticsPlan`, :class:`UltralyticsOptimizer`), and
-ultralytics' ``MuSGD`` as an optax transformation (:func:`musgd`, from
-:mod:`jaxyolo.train.muon`; not wired into ``TrainConfig`` yet)."""
+step (:class:`UltralyticsPlan`, :class:`UltralyticsOptimizer`), both with
+ultralytics' ``MuSGD`` (:mod:`jaxyolo.train.muon`) as ``optimizer="musgd"``."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -15,10 +15,10 @@ import numpy as np
 import optax
 
 from jaxyolo.train.config import TrainConfig
-from jaxyolo.train.muon import MuSGDState, musgd, newton_schulz5, ultralytics_musgd_masks
+from jaxyolo.train.muon import HEAD_LR_SCALE, MuSGDState, musgd, musgd_init, musgd_step, newton_schulz5, ultralytics_musgd_masks
 
 __all__ = [
-    "MuSGDState", "musgd", "newton_schulz5", "ultralytics_musgd_masks",
+    "MuSGDState", "musgd", "newton_schulz5", "ultralytics_musgd_masks", "MUSGD_WEIGHTS",
     "lr_schedule", "make_optimizer", "decay_mask", "ema_decay", "ema_tau_for", "ema_update",
     "GROUP_NAMES", "UltralyticsOptimizer", "UltralyticsPlan", "torch_clip_grad_norm", "torch_lerp", "ultralytics_accumulate",
     "ultralytics_auto_optimizer", "ultralytics_ema_update", "ultralytics_param_groups", "ultralytics_warmup_iterations",
@@ -31,7 +31,8 @@ def lr_schedule(config: TrainConfig, total_steps: int, steps_per_epoch: int):
     warmup_min_steps)`` steps (capped at half the run), then cosine or linear
     decay to ``peak * lrf`` at ``total_steps``.  ``peak = lr0`` (times
     ``batch / 64`` for YOLOX with SGD, its per-image LR rule; AdamW is
-    invariant to the loss scale, so it takes ``lr0`` as is)."""
+    invariant to the loss scale, so it takes ``lr0`` as is, and so does
+    MuSGD, whose Muon half is)."""
     peak = config.lr0 * (config.batch / 64 if config.loss == "yolox" and config.optimizer == "sgd" else 1.0)
     warm = int(min(max(config.warmup_epochs * steps_per_epoch, config.warmup_min_steps), total_steps // 2))
     decay = max(total_steps - warm, 1)
@@ -49,6 +50,9 @@ def decay_mask(params):
     return jax.tree.map(lambda x: x.ndim == 4, params)
 
 
+MUSGD_WEIGHTS = {"muon": 0.2, "sgd": 1.0}  # build_optimizer's MuSGD(muon=0.2, sgd=1.0) (MuSGD's own defaults: 0.5, 0.5)
+
+
 def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int):
     """``optax`` chain: optional global-norm clipping, then
 
@@ -56,6 +60,10 @@ def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int):
       conv kernels only, Nesterov momentum ``config.momentum``;
     * ``"adamw"``: decoupled weight decay on conv kernels only,
       ``b1 = config.momentum``, ``b2 = 0.999``;
+    * ``"musgd"``: ultralytics' MuSGD (:func:`musgd`, Nesterov, Muon's beta =
+      ``config.momentum``, :data:`MUSGD_WEIGHTS`) with upstream's groups
+      (:func:`ultralytics_musgd_masks`: Muon on the kernels, decay on the
+      kernels, the head's class branches at lr x3);
 
     with :func:`lr_schedule`.
     """
@@ -68,9 +76,18 @@ def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int):
             optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
             optax.sgd(sched, momentum=config.momentum, nesterov=True),
         ]
-    else:
+    elif config.optimizer == "musgd":
+        masks = {name: functools.partial(_musgd_mask, i) for i, name in enumerate(("muon_mask", "decay_mask", "lr_scale"))}
+        parts.append(musgd(sched, momentum=config.momentum, weight_decay=config.weight_decay, **MUSGD_WEIGHTS, **masks))
+    elif config.optimizer == "adamw":
         parts.append(optax.adamw(sched, b1=config.momentum, b2=0.999, weight_decay=config.weight_decay, mask=decay_mask))
+    else:
+        raise ValueError(f"make_optimizer: optimizer {config.optimizer!r} is not one of the jaxyolo recipe's (sgd, adamw, musgd)")
     return optax.chain(*parts), sched
+
+
+def _musgd_mask(i, params):
+    return ultralytics_musgd_masks(params)[i]
 
 
 def ema_tau_for(config: TrainConfig, total_steps: int) -> float:
@@ -132,27 +149,33 @@ def ultralytics_auto_optimizer(*, nc: int, n_images: int, batch: int, nbs: int =
 
     Upstream counts ``iterations = ceil(n_images / max(batch, nbs)) * epochs``
     (optimizer steps, roughly); up to 10 000: ``("adamw", round(0.002 * 5 /
-    (4 + nc), 6), 0.9)``.  Beyond, upstream picks MuSGD (Muon on matrices and
-    conv filters + SGD), which jaxyolo does not implement: ValueError naming
-    it (choose ``optimizer="sgd"`` or ``"adamw"`` explicitly).  Upstream's
-    auto also sets ``warmup_bias_lr = 0`` (see :class:`UltralyticsPlan`).
+    (4 + nc), 6), 0.9)``, beyond: ``("musgd", 0.01, 0.9)`` (MuSGD: Muon on
+    matrices and conv filters + SGD).  Upstream's auto also sets
+    ``warmup_bias_lr = 0`` but leaves ``args.momentum``, where the warmup's
+    momentum ends (see :class:`UltralyticsPlan`).
     """
     _positive_int(nc=nc, n_images=n_images, batch=batch, nbs=nbs, epochs=epochs)
     iterations = math.ceil(n_images / max(batch, nbs)) * epochs
     if iterations > 10000:
-        raise ValueError(
-            f"optimizer='auto' with recipe='ultralytics' picks MuSGD for {iterations} > 10000 iterations "
-            f"(ceil({n_images} images / max(batch {batch}, nbs {nbs})) x {epochs} epochs), which jaxyolo does not implement: "
-            "pass optimizer 'sgd' or 'adamw' (with its lr0)"
-        )
+        return "musgd", 0.01, 0.9
     return "adamw", round(0.002 * 5 / (4 + nc), 6), 0.9
 
 
-def ultralytics_param_groups(params):
+def ultralytics_param_groups(params, *, musgd: bool = False):
     """build_optimizer's group of each leaf: 0 conv/linear weights (``kernel``,
     with decay), 1 BatchNorm weights (``scale``), 2 biases (conv and
     BatchNorm ``bias``).  ``params``: a pytree whose leaves' last path keys
-    are flax's names; returns the same tree of ints."""
+    are flax's names; returns the same tree of ints.
+
+    ``musgd=True``: build_optimizer's MuSGD groups, each of the above split
+    in two: ``k + 3`` for the half at ``lr * 3`` (the detect head's class
+    branches, :func:`ultralytics_musgd_masks`).  Its ``muon`` group (the
+    2-D/4-D weights, with decay) has the weight group's LR and decay: here
+    it is group 0 (3), told apart by ``ndim``.
+    """
+    if musgd:
+        boosted = ultralytics_musgd_masks(params)[2]
+        return jax.tree.map(lambda k, s: k + 3 * (s != 1.0), ultralytics_param_groups(params), boosted)
 
     def group(path, _):
         name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
@@ -173,10 +196,12 @@ class UltralyticsPlan:
     the per-iteration hyperparameters computed from them inside the jit.
 
     Attributes:
-      optimizer: ``"adamw"`` or ``"sgd"`` (``"auto"`` resolved).
-      lr0: every group's ``initial_lr``.
-      momentum: the optimizer's momentum (SGD) / beta1 (AdamW) as built.
-      target_momentum: where SGD's warmup momentum ends (upstream's ``args.momentum``).
+      optimizer: ``"adamw"``, ``"sgd"`` or ``"musgd"`` (``"auto"`` resolved).
+      lr0: every group's ``initial_lr`` (MuSGD's halves at lr x3: ``lr0 * 3``).
+      momentum: the optimizer's momentum (SGD, MuSGD) / beta1 (AdamW) as built.
+      target_momentum: where the warmup momentum of SGD and MuSGD ends
+        (upstream's ``args.momentum``, which ``optimizer=auto`` leaves: its
+        MuSGD steps at 0.9 only without warmup).
       warmup_momentum, warmup_bias_lr: the warmup's starts (0 for the bias LR under auto).
       weight_decay: the weight group's decay (already scaled).
       accumulate: ``acc0``, the nominal accumulation, capped at ``nb * epochs``.
@@ -235,31 +260,40 @@ class UltralyticsPlan:
             return jnp.maximum((1 - jnp.cos(e * math.pi / self.epochs)) / 2, 0.0) * (self.lrf - 1.0) + 1.0
         return jnp.maximum(1 - e / self.epochs, 0.0) * (1.0 - self.lrf) + self.lrf
 
+    @property
+    def groups(self) -> int:
+        """The number of LR groups: 3 (weight, bn, bias), 6 for MuSGD (the
+        same, then their halves at ``lr0 * 3``; :func:`ultralytics_param_groups`)."""
+        return 6 if self.optimizer == "musgd" else 3
+
     def hyperparams(self, ni):
         """The hyperparameters in force at iteration ``ni`` (the 0-based batch
-        counter over the run, int32, traced): ``{"lr": (3,) float32`` per
-        group (weight, bn, bias), ``"momentum": ()`` float32 (SGD momentum /
-        AdamW beta1), ``"accumulate": ()`` int32``}``.
+        counter over the run, int32, traced): ``{"lr": (groups,) float32`` per
+        group (weight, bn, bias; for MuSGD then the same at lr x3),
+        ``"momentum": ()`` float32 (SGD / MuSGD momentum, AdamW beta1),
+        ``"accumulate": ()`` int32``}``.
 
-        As ``_do_train``: the LambdaLR steps at each epoch's start (``lr0 *
-        lf(epoch)``); for ``ni <= nw`` the warmup overwrites it with
-        ``interp(ni, [0, nw], [start, lr0 * lf(epoch)])`` (start
-        ``warmup_bias_lr`` for the bias group, 0 for the others), SGD's
-        momentum with ``interp(ni, [0, nw], [warmup_momentum, momentum])``
-        (AdamW's param groups have no ``momentum``: beta1 stays) and the
-        accumulation count; after ``nw`` they keep their values at ``nw``.
+        As ``_do_train``: the LambdaLR steps at each epoch's start
+        (``initial_lr * lf(epoch)``); for ``ni <= nw`` the warmup overwrites
+        it with ``interp(ni, [0, nw], [start, initial_lr * lf(epoch)])``
+        (start ``warmup_bias_lr`` for a bias group, 0 for the others: a
+        MuSGD bias half at lr x3 rises from ``warmup_bias_lr`` to ``3 lr0
+        lf``, not 3x the other's), the momentum of SGD and MuSGD with
+        ``interp(ni, [0, nw], [warmup_momentum, target_momentum])`` (AdamW's
+        param groups have no ``momentum``: beta1 stays) and the accumulation
+        count; after ``nw`` they keep their values at ``nw``.
         """
         ni = jnp.asarray(ni, jnp.int32)
-        base = jnp.float32(self.lr0) * self.lf(ni // self.nb)
-        lr = jnp.broadcast_to(base, (3,))
+        initial = [self.lr0] * 3 + [self.lr0 * HEAD_LR_SCALE] * (self.groups - 3)  # Python doubles, as build_optimizer's
+        lr = jnp.asarray(initial, jnp.float32) * self.lf(ni // self.nb)
         mom = jnp.float32(self.momentum)
         acc = jnp.int32(self.accumulate)
         if self.nw:
             warm = ni < self.nw  # ni == nw lands on the targets (np.interp returns fp[-1] exactly there)
             x = ni.astype(jnp.float32)
-            start = jnp.asarray([0.0, 0.0, self.warmup_bias_lr], jnp.float32)
-            lr = jnp.where(warm, (base - start) / self.nw * x + start, lr)  # np.interp: slope * (x - x0) + y0
-            if self.optimizer == "sgd":
+            start = jnp.asarray([0.0, 0.0, self.warmup_bias_lr] * (self.groups // 3), jnp.float32)
+            lr = jnp.where(warm, (lr - start) / self.nw * x + start, lr)  # np.interp: slope * (x - x0) + y0
+            if self.optimizer in ("sgd", "musgd"):
                 m0, m1 = jnp.float32(self.warmup_momentum), jnp.float32(self.target_momentum)
                 mom = jnp.where(warm, (m1 - m0) / self.nw * x + m0, m1)  # after nw: the value set at nw
             table = jnp.asarray(self.warmup_accumulate, jnp.int32)
@@ -284,9 +318,10 @@ def torch_lerp(start, end, weight):
 
 
 class UltralyticsOptimizer:
-    """torch's AdamW / SGD as BaseTrainer builds them, on three parameter
-    groups (:func:`ultralytics_param_groups`) with per-group learning rates
-    and a momentum that change every step (:meth:`UltralyticsPlan.hyperparams`).
+    """torch's AdamW / SGD and ultralytics' MuSGD as BaseTrainer builds them,
+    on its parameter groups (:func:`ultralytics_param_groups`: three, six
+    for MuSGD) with per-group learning rates and a momentum that change
+    every step (:meth:`UltralyticsPlan.hyperparams`).
 
     * ``"adamw"``: per leaf, ``step += 1``; ``p *= 1 - lr * wd`` (decay in the
       weight group only); ``m = lerp(m, g, 1 - beta1)``; ``v = beta2 v + (1 -
@@ -296,24 +331,41 @@ class UltralyticsOptimizer:
     * ``"sgd"`` (Nesterov, dampening 0): ``g += wd * p``; ``buf = g`` at the
       first step, else ``buf = momentum * buf + g``; ``p -= lr * (g + momentum * buf)``
       (a zero buffer gives torch's first step exactly).
+    * ``"musgd"`` (:func:`musgd_step`, Nesterov, :data:`MUSGD_WEIGHTS`): each
+      leaf at its group's ``lr`` (``lr[k]``, the lr x3 halves included: the
+      group LR is what ``MuSGD.step`` reads, then scales by ``muon`` / ``sgd``),
+      the momentum for SGD and Muon's beta alike, the weight decay in groups
+      0 and 3 (upstream's ``muon`` and ``weight``); Muon on the 2-D/4-D
+      leaves, Newton-Schulz in ``ns_dtype`` (upstream: bfloat16).
 
-    ``init(params) -> state``; ``step(grads, state, params, *, lr (3,),
+    ``init(params) -> state``; ``step(grads, state, params, *, lr (groups,),
     momentum) -> (params, state)``: the new parameters directly, in torch's
     order of operations (not an update to add).
     """
 
-    def __init__(self, plan: UltralyticsPlan, groups, *, beta2: float = 0.999, eps: float = 1e-8):
-        if plan.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"plan.optimizer must be 'adamw' or 'sgd', got {plan.optimizer!r}")
-        self.plan, self.groups, self.beta2, self.eps = plan, groups, beta2, eps
+    def __init__(self, plan: UltralyticsPlan, groups, *, beta2: float = 0.999, eps: float = 1e-8, ns_dtype=jnp.bfloat16):
+        if plan.optimizer not in ("adamw", "sgd", "musgd"):
+            raise ValueError(f"plan.optimizer must be 'adamw', 'sgd' or 'musgd', got {plan.optimizer!r}")
+        bad = sorted({int(k) for k in jax.tree.leaves(groups)} - set(range(plan.groups)))
+        if bad:  # an index past lr's end would be clamped inside the jit, silently
+            hint = " (ultralytics_param_groups(params, musgd=True) gives MuSGD's six)" if plan.optimizer == "musgd" else ""
+            raise ValueError(f"groups: plan.optimizer {plan.optimizer!r} has {plan.groups} LR groups 0..{plan.groups - 1}, got group {bad[0]}{hint}")
+        self.plan, self.groups, self.beta2, self.eps, self.ns_dtype = plan, groups, beta2, eps, ns_dtype
 
     def init(self, params):
         zeros = jax.tree.map(jnp.zeros_like, params)
+        if self.plan.optimizer == "musgd":
+            return musgd_init(params, ultralytics_musgd_masks(params)[0])
         if self.plan.optimizer == "sgd":
             return {"buf": zeros}
         return {"count": jnp.zeros((), jnp.int32), "mu": zeros, "nu": jax.tree.map(jnp.zeros_like, params)}
 
     def step(self, grads, state, params, *, lr, momentum):
+        if self.plan.optimizer == "musgd":
+            lr_leaf = jax.tree.map(lambda k: lr[k], self.groups)
+            wd_leaf = jax.tree.map(lambda k: self.plan.weight_decay if k % 3 == 0 else 0.0, self.groups)
+            return musgd_step(grads, state, params, lr=lr_leaf, momentum=momentum, weight_decay=wd_leaf, muon_mask=ultralytics_musgd_masks(params)[0],
+                              batch_key=self.groups, **MUSGD_WEIGHTS, ns_dtype=self.ns_dtype)
         wd = jnp.asarray([self.plan.weight_decay, 0.0, 0.0], jnp.float32)
         if self.plan.optimizer == "sgd":
             def leaf(p, g, buf, k):

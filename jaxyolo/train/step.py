@@ -243,7 +243,7 @@ class Session:
         # outputs (about 10 ms a step, a dispatch cost the device waits on).
         params, stats = nnx.pure(params), nnx.pure(stats)
         if self.plan is not None:
-            self.tx = UltralyticsOptimizer(self.plan, ultralytics_param_groups(params))
+            self.tx = UltralyticsOptimizer(self.plan, ultralytics_param_groups(params, musgd=self.plan.optimizer == "musgd"))
         compiled = _COMPILED.get(key)
         if compiled is None:
             # jit once per (config, nc, steps per epoch, mesh) in a process: a

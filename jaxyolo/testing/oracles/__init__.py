@@ -23,7 +23,7 @@ from jaxyolo.testing.oracles._torch import (
     yolox_modules,
 )
 from jaxyolo.testing.oracles.ultralytics import make_v8_criterion, ultralytics_nms, ultralytics_val_metrics, v8_detection_loss
-from jaxyolo.testing.oracles.ultralytics_e2e import e2e_detection_loss, e2e_o2m_schedule, make_e2e_model, musgd_steps
+from jaxyolo.testing.oracles.ultralytics_e2e import e2e_detection_loss, e2e_o2m_schedule, float32_newton_schulz, make_e2e_model, musgd_steps
 from jaxyolo.testing.oracles.yolov5 import yolov5_compute_loss
 from jaxyolo.testing.oracles.yolov9 import make_yolov9_criterion, yolov9_assign, yolov9_loss
 from jaxyolo.testing.oracles.yolox import yolox_get_assignments, yolox_get_losses
@@ -32,6 +32,7 @@ __all__ = [
     "ORACLE_VERSIONS",
     "e2e_detection_loss",
     "e2e_o2m_schedule",
+    "float32_newton_schulz",
     "grad_nhwc",
     "make_e2e_model",
     "make_v8_criterion",

@@ -13,6 +13,7 @@ per branch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from jaxyolo.testing.oracles._torch import _import, grad_nhwc, nhwc_to_torch, numpy, tensor, torch
 
-__all__ = ["e2e_detection_loss", "e2e_o2m_schedule", "make_e2e_model", "musgd_steps"]
+__all__ = ["e2e_detection_loss", "e2e_o2m_schedule", "float32_newton_schulz", "make_e2e_model", "musgd_steps"]
 
 
 @functools.cache
@@ -111,6 +112,20 @@ def e2e_o2m_schedule(epochs: int, n: int):
     return out
 
 
+@contextlib.contextmanager
+def float32_newton_schulz():
+    """Within: upstream's MuSGD iterates Newton-Schulz in float32, not
+    bfloat16 (``Tensor.bfloat16`` returns ``.float()``; nothing else
+    changes), to compare everything but bfloat16's rounding."""
+    t = torch()
+    orig = t.Tensor.bfloat16
+    t.Tensor.bfloat16 = lambda self, *a, **k: self.float()
+    try:
+        yield
+    finally:
+        t.Tensor.bfloat16 = orig
+
+
 def musgd_steps(model, grads_seq, *, lr=0.01, momentum=0.9, decay=5e-4, ns_float32=False):
     """Upstream ``MuSGD.step`` on ``model`` (a torch module), with the optimizer
     built by ``BaseTrainer.build_optimizer(model, name="MuSGD", ...)``: its
@@ -122,8 +137,7 @@ def musgd_steps(model, grads_seq, *, lr=0.01, momentum=0.9, decay=5e-4, ns_float
       model: torch module with ``.model`` (a sequence whose last entry is the head).
       grads_seq: list (one per step) of dicts ``state_dict`` name -> numpy gradient.
       ns_float32: run upstream's Newton-Schulz in float32 instead of bfloat16
-        (``Tensor.bfloat16`` returns ``.float()`` during the step; nothing
-        else changes), to compare everything but bfloat16's rounding.
+        (:func:`float32_newton_schulz` around the step).
 
     Returns:
       ``(steps, groups)``: per step a dict name -> numpy parameter after it;
@@ -131,7 +145,6 @@ def musgd_steps(model, grads_seq, *, lr=0.01, momentum=0.9, decay=5e-4, ns_float
       (parameters that require a gradient; upstream's frozen DFL conv sits in
       the muon group but never gets a gradient, so MuSGD skips it).
     """
-    t = torch()
     trainer = _import("ultralytics.engine.trainer")
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}  # not Detect's fixed DFL conv
     opt = trainer.BaseTrainer.build_optimizer(types.SimpleNamespace(), model, name="MuSGD", lr=lr, momentum=momentum,
@@ -143,14 +156,7 @@ def musgd_steps(model, grads_seq, *, lr=0.01, momentum=0.9, decay=5e-4, ns_float
     for grads in grads_seq:
         for k, p in named.items():
             p.grad = tensor(grads[k])
-        if ns_float32:
-            orig = t.Tensor.bfloat16
-            t.Tensor.bfloat16 = lambda self, *a, **k: self.float()
-            try:
-                opt.step()
-            finally:
-                t.Tensor.bfloat16 = orig
-        else:
+        with float32_newton_schulz() if ns_float32 else contextlib.nullcontext():
             opt.step()
         out.append({k: numpy(p).copy() for k, p in named.items()})
     return out, groups
