@@ -23,15 +23,17 @@ from jaxyolo.models import yolox as yx
 from jaxyolo.models.convert import _constants, _torch_shape, torch_key
 
 NAMES = (
-    [f"yolov8{s}" for s in "nsmlx"] + [f"yolo11{s}" for s in "nsmlx"] + [f"yolov5{s}" for s in "nsmlx"]
+    [f"yolov8{s}" for s in "nsmlx"] + [f"yolo11{s}" for s in "nsmlx"] + [f"yolo26{s}" for s in "nsmlx"]
+    + [f"yolov10{s}" for s in "nsmblx"] + [f"yolov5{s}" for s in "nsmlx"]
     + [f"yolox-{s}" for s in ("nano", "tiny", "s", "m", "l", "x")]
 )
 
 
 def test_registry():
     assert list(MODELS) == NAMES
-    assert {n: (MODELS[n].family, MODELS[n].head_type) for n in ("yolov8n", "yolo11x", "yolov5s", "yolox-tiny")} == {
+    assert {n: (MODELS[n].family, MODELS[n].head_type) for n in ("yolov8n", "yolo11x", "yolo26s", "yolov10b", "yolov5s", "yolox-tiny")} == {
         "yolov8n": ("ultralytics", "yolov8"), "yolo11x": ("ultralytics", "yolov8"),
+        "yolo26s": ("ultralytics", "e2e"), "yolov10b": ("ultralytics", "e2e"),
         "yolov5s": ("yolov5", "yolov5"), "yolox-tiny": ("yolox", "yolox"),
     }
     with pytest.raises(ValueError, match=r"unknown model 'yolov7'.*yolov8n, yolov8s"):
@@ -55,20 +57,27 @@ def _yaml_rows(d, *, anchors_module="AnchorDetect"):
         elif m == "Concat":
             assert args == [1]
             args = []
-        elif m == "Detect":
+        elif m in ("Detect", "v10Detect"):
             assert args[0] == "nc"
-            m, args = (anchors_module, ["anchors"]) if len(args) == 2 else ("Detect", [])
+            m, args = (anchors_module, ["anchors"]) if len(args) == 2 else (m, [])
         rows.append((f, n, m, tuple(args)))
     return rows
 
 
 def test_tables_are_the_upstream_yamls():
     root = _package_dir("ultralytics") / "cfg" / "models"
-    for arch, path in (("yolov8", root / "v8" / "yolov8.yaml"), ("yolo11", root / "11" / "yolo11.yaml")):
+    for arch, path in (("yolov8", root / "v8" / "yolov8.yaml"), ("yolo11", root / "11" / "yolo11.yaml"),
+                       ("yolo26", root / "26" / "yolo26.yaml")):
         d = yaml.safe_load(path.read_text())
         table, scales = ul.SCALES[arch]
         assert {k: tuple(v) for k, v in d["scales"].items()} == scales
         assert _yaml_rows(d) == list(table)
+        assert (d.get("reg_max", 16), bool(d.get("end2end"))) == ul.HEAD[arch]
+    for s, scale in ul.SCALES["yolov10"][1].items():  # one yaml per scale
+        d = yaml.safe_load((root / "v10" / f"yolov10{s}.yaml").read_text())
+        assert {k: tuple(v) for k, v in d["scales"].items()} == {s: scale}
+        assert _yaml_rows(d) == list(ul.yolov10_table(s)), s
+        assert "reg_max" not in d and "end2end" not in d  # v10Detect: reg_max 16, end-to-end by itself
     for s, (depth, width) in v5.SCALES.items():
         d = yaml.safe_load((_package_dir("yolov5") / "models" / f"yolov5{s}.yaml").read_text())
         assert (d["depth_multiple"], d["width_multiple"]) == (depth, width)
@@ -113,9 +122,11 @@ def _upstream_shapes(name, nc, t):
 
 
 # n and s are compared value for value in test_arch_parity; these cover the
-# other scales' rules: max_channels (768 / 512), forced c3k (YOLO11 m/l/x),
-# depth rounding (0.67, 1.0, 1.33) and the YOLOX widths.
-STRUCTURE = ["yolov8m", "yolov8x", "yolo11m", "yolo11l", "yolov5m", "yolov5x", "yolox-tiny", "yolox-m", "yolox-x"]
+# other scales' rules: max_channels (768 / 512), forced c3k (YOLO11 / YOLO26
+# m/l/x; YOLO26's attention block keeps attn over c3k), depth rounding (0.67,
+# 1.0, 1.33), YOLOv10's per-scale C2fCIB rows and the YOLOX widths.
+STRUCTURE = ["yolov8m", "yolov8x", "yolo11m", "yolo11l", "yolo26m", "yolo26x", "yolov10m", "yolov10b", "yolov10x",
+             "yolov5m", "yolov5x", "yolox-tiny", "yolox-m", "yolox-x"]
 
 
 @pytest.mark.parametrize("name", STRUCTURE)
@@ -142,7 +153,9 @@ def test_interface(rng):
     ``head.anchor_array``, ``decode``, BatchNorm train/eval switching."""
     expected = {
         "yolov8n": ("yolov8", lambda h: h.reg_max == 16),
-        "yolo11n": ("yolov8", lambda h: h.reg_max == 16 and not h.legacy),
+        "yolo11n": ("yolov8", lambda h: h.reg_max == 16 and not h.legacy and not h.end2end),
+        "yolo26n": ("e2e", lambda h: h.reg_max == 1 and not h.legacy and h.end2end),
+        "yolov10n": ("e2e", lambda h: h.reg_max == 16 and not h.legacy and h.end2end),
         "yolov5n": ("yolov5", lambda h: np.array_equal(h.anchor_array, np.asarray(YOLOV5S_ANCHORS, np.float32).reshape(3, 3, 2))),
         "yolox-nano": ("yolox", lambda h: h.nc == 5),
     }
@@ -274,3 +287,17 @@ def test_checkpoint_files(oracles, tmp_path):
     from yolov5.models.yolo import DetectionModel
 
     assert upstream._Unpickler(io.BytesIO(b"")).find_class("models.yolo", "DetectionModel") is DetectionModel
+
+
+@pytest.mark.parametrize("name", ["yolo26n", "yolov10n"])
+def test_end_to_end_branches_start_as_copies(name):
+    """Upstream deep-copies ``cv2``/``cv3`` into ``one2one_cv2``/``one2one_cv3``
+    before the bias init: equal values at init, separate parameters."""
+    head = build_model(name, nc=3).head
+    for a, b in (("cv2", "one2one_cv2"), ("cv3", "one2one_cv3")):
+        sa, sb = nnx.to_flat_state(nnx.state(getattr(head, a))), nnx.to_flat_state(nnx.state(getattr(head, b)))
+        assert [p for p, _ in sa] == [p for p, _ in sb] and len(sa) > 10
+        for (p, va), (_, vb) in zip(sa, sb):
+            np.testing.assert_array_equal(np.asarray(va[...]), np.asarray(vb[...]), err_msg=str(p))
+    head.one2one_cv2[0][0].conv.kernel[...] += 1.0
+    assert not np.array_equal(np.asarray(head.cv2[0][0].conv.kernel[...]), np.asarray(head.one2one_cv2[0][0].conv.kernel[...]))
