@@ -307,6 +307,17 @@ def test_trajectory_matches_ultralytics_trainer(oracles, batches):
 # ---------------------------------------------------------- the optimizer alone
 
 
+def _upstream_warmup(tr, ni, epoch, nw):
+    """The warmup block of ultralytics' ``BaseTrainer._do_train`` (8.4.190), copied:
+    it is inline in the training loop, which the tests cannot call on its own."""
+    if nw and ni <= nw:
+        xi = [0, nw]
+        for x in tr.optimizer.param_groups:
+            x["lr"] = float(np.interp(ni, xi, [tr.args.warmup_bias_lr if x.get("param_group") == "bias" else 0.0, x["initial_lr"] * tr.lf(epoch)]))
+            if "momentum" in x:
+                x["momentum"] = float(np.interp(ni, xi, [tr.args.warmup_momentum, tr.args.momentum]))
+
+
 def _tiny_torch_model(torch):
     """conv (with bias) -> BatchNorm -> conv (no bias) -> linear: every group."""
     torch.manual_seed(0)
@@ -361,14 +372,7 @@ def test_optimizer_steps_match_torch(oracles, optimizer):
             tr.scheduler.step()
         for i in range(nb):
             ni = i + nb * epoch
-            # ---- copied from BaseTrainer._do_train (warmup block)
-            if nw and ni <= nw:
-                xi = [0, nw]
-                for x in tr.optimizer.param_groups:
-                    x["lr"] = float(np.interp(ni, xi, [tr.args.warmup_bias_lr if x.get("param_group") == "bias" else 0.0, x["initial_lr"] * tr.lf(epoch)]))
-                    if "momentum" in x:
-                        x["momentum"] = float(np.interp(ni, xi, [tr.args.warmup_momentum, tr.args.momentum]))
-            # ----
+            _upstream_warmup(tr, ni, epoch, nw)
             ref = _hp(tr)
             hp = jax.device_get(plan.hyperparams(ni))
             np.testing.assert_allclose(hp["lr"], ref["lr"], rtol=1e-6, err_msg=f"iteration {ni}")
@@ -442,14 +446,7 @@ def test_musgd_steps_match_torch(oracles, ns_float32):
             tr.scheduler.step()
         for i in range(nb):
             ni = i + nb * epoch
-            # ---- copied from BaseTrainer._do_train (warmup block)
-            if nw and ni <= nw:
-                xi = [0, nw]
-                for x in tr.optimizer.param_groups:
-                    x["lr"] = float(np.interp(ni, xi, [tr.args.warmup_bias_lr if x.get("param_group") == "bias" else 0.0, x["initial_lr"] * tr.lf(epoch)]))
-                    if "momentum" in x:
-                        x["momentum"] = float(np.interp(ni, xi, [tr.args.warmup_momentum, tr.args.momentum]))
-            # ----
+            _upstream_warmup(tr, ni, epoch, nw)
             hp = jax.device_get(plan.hyperparams(ni))
             for k, p in named.items():
                 g = next(x for x in tr.optimizer.param_groups if any(q is p for q in x["params"]))
