@@ -218,8 +218,9 @@ class Session:
         self.anchors = model.head.anchor_array if config.loss == "yolov5" else None
         # End-to-end models keep their one-to-one branch's top scores (no NMS)
         # unless config.nms asks for the one-to-many branch and NMS.
-        self.end2end = bool(getattr(model, "end2end", False)) and not config.nms
-        self.decode = functools.partial(model.decode, one2many=True) if getattr(model, "end2end", False) and config.nms else model.decode
+        two_branches = bool(getattr(model, "end2end", False))
+        self.end2end = two_branches and not config.nms
+        self.decode = functools.partial(model.decode, one2many=True) if two_branches and config.nms else model.decode
         self.dtype = _PRECISION[config.precision]
         self.plan = None
         if config.recipe == "ultralytics":
