@@ -87,6 +87,7 @@ _LAZY = {
     "decode_yolox": "jaxyolo.models",
     "decode_yolov8": "jaxyolo.models",
     "batched_nms": "jaxyolo.evaluate",
+    "end2end_topk": "jaxyolo.evaluate",
     "coco_map": "jaxyolo.evaluate",
     "TrainConfig": "jaxyolo.train",
 }
