@@ -42,7 +42,18 @@ FORWARD_CASES = [
     ("yolov5s", 5, (64, 96)),
     ("yolox-nano", 7, (256, 320)),
     ("yolox-s", 3, (64, 96)),
+    # end-to-end heads: both branches compared (small inputs: the compile dominates)
+    ("yolo26n", 3, (64, 96)),
+    ("yolo26s", 5, (96, 64)),
+    ("yolov10n", 7, (64, 96)),
+    ("yolov10s", 1, (96, 64)),
 ]
+
+
+def _branches(out):
+    """``{branch: [per-level outputs]}`` of a model's raw output: an end-to-end
+    head's dict as is, a plain list as the one branch ``""``."""
+    return dict(out) if isinstance(out, dict) else {"": list(out)}
 
 
 def _forward(model, x):
@@ -62,11 +73,13 @@ def test_forward_parity_and_round_trip(oracles, rng, name, nc, hw):
     model = from_torch(up.state_dict(), name=name)
     assert (model.name, model.nc) == (name, nc)
     model.eval()
-    out = _forward(model, jnp.asarray(x))
-    assert len(out) == len(ref) == 3
-    for o, r in zip(out, ref):
-        assert o.shape == r.shape and o.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(o), r, rtol=1e-4, atol=1e-4)
+    out, ref = _branches(_forward(model, jnp.asarray(x))), _branches(ref)
+    assert out.keys() == ref.keys() == ({"one2many", "one2one"} if model.end2end else {""})
+    for branch in ref:
+        assert len(out[branch]) == len(ref[branch]) == 3
+        for o, r in zip(out[branch], ref[branch]):
+            assert o.shape == r.shape and o.dtype == jnp.float32
+            np.testing.assert_allclose(np.asarray(o), r, rtol=1e-4, atol=1e-4, err_msg=branch)
 
     # round trip: the same tensors, accepted strictly, the same outputs
     sd = to_torch_state_dict(model)
@@ -80,8 +93,10 @@ def test_forward_parity_and_round_trip(oracles, rng, name, nc, hw):
         for v in clone.state_dict().values():
             v.zero_()
     clone.load_state_dict({k: t.from_numpy(v) for k, v in sd.items()}, strict=True)
-    for o, r in zip(upstream_nhwc(clone, name, x), ref):
-        np.testing.assert_allclose(o, r, rtol=1e-6, atol=1e-6)
+    again = _branches(upstream_nhwc(clone, name, x))
+    for branch in ref:
+        for o, r in zip(again[branch], ref[branch]):
+            np.testing.assert_allclose(o, r, rtol=1e-6, atol=1e-6, err_msg=branch)
 
 
 def _upstream_step(up, name, x, rows, targets, oracles):
