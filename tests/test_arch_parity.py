@@ -74,7 +74,7 @@ def test_forward_parity_and_round_trip(oracles, rng, name, nc, hw):
     assert (model.name, model.nc) == (name, nc)
     model.eval()
     out, ref = _branches(_forward(model, jnp.asarray(x))), _branches(ref)
-    assert out.keys() == ref.keys() == ({"one2many", "one2one"} if model.end2end else {""})
+    assert out.keys() == ref.keys() == ({"one2many", "one2one"} if getattr(model, "end2end", False) else {""})
     for branch in ref:
         assert len(out[branch]) == len(ref[branch]) == 3
         for o, r in zip(out[branch], ref[branch]):
@@ -222,8 +222,8 @@ def _tal_against_upstream(model, preds, targets, replay):
 # reg_max 1 boxes start at 2 cells: a larger input leaves stride 8 without
 # foreground) seed 11: SPPF max-pool 1.6e-3 / 5.4e-6, tal_topk 4.4e-4 /
 # 2.1e-5, tal_multi 6.8e-2 / 2.0e-4, tal2_topk 1.5e-3 / 3.4e-5, tal2_multi
-# 6.6e-2 / 9.2e-4, tal2_topk2 5.0e-2 / 3.4e-5 (2 of 16 seeds passed, with
-# every parameter a gradient); YOLOv10n at 448x512 (DFL boxes, as YOLOv8n)
+# 6.6e-2 / 9.2e-4, tal2_topk2 5.0e-2 / 3.4e-5 (of 16 seeds 3 passed, 2 of
+# them with every parameter a gradient); YOLOv10n at 448x512 (DFL boxes, as YOLOv8n)
 # seed 5: max-pool 5.5e-5 / 4.9e-6, tal_topk 1.8e-3 / 2.1e-5, tal_multi
 # 0.53 / 8.8e-4, tal2_topk 9.5e-4 / 3.4e-5, tal2_multi 1 (none) / 6.7e-3,
 # tal2_topk2 6.3e-2 / 3.4e-5 (1 of 14 seeds passed: mostly SPPF max-pool and
@@ -277,7 +277,7 @@ def test_train_step_parity(oracles, name, nc, hw, seed):
     ours = to_torch_arrays(grads)
     assert ours.keys() == ref_grads.keys()
     top = max(float(np.abs(g).max()) for g in ref_grads.values())
-    noise = {k for k, g in ref_grads.items() if max(np.abs(g).max(), np.abs(ours[k]).max()) <= 1e-6 * top}
+    noise = {k for k, g in ref_grads.items() if k not in zero and max(np.abs(g).max(), np.abs(ours[k]).max()) <= 1e-6 * top}
     assert noise == ZERO_GRADIENT.get(name, set())  # rounding noise of an exact zero on both sides
     for k, g in ref_grads.items():
         if k not in noise:
