@@ -21,7 +21,11 @@ def compiled(fn, *args):
 def upstream_model(name: str, nc: int, *, seed: int = 0):
     """The upstream PyTorch model of ``name`` (randomly initialised by upstream),
     with random BatchNorm running statistics **and** affine parameters (so a
-    swapped weight/bias or mean/var mapping cannot hide behind 1/0 defaults)."""
+    swapped weight/bias or mean/var mapping cannot hide behind 1/0 defaults).
+
+    An end-to-end head's one-to-one branch starts as a ``deepcopy`` of the
+    one-to-many one; its conv weights get noise of half their spread here, so
+    that a branch mapped onto the other cannot pass unnoticed."""
     from jaxyolo.models import upstream
 
     t = upstream.torch()
@@ -36,6 +40,9 @@ def upstream_model(name: str, nc: int, *, seed: int = 0):
                 m.running_var.copy_(t.rand(c, generator=g) + 0.5)
                 m.weight.copy_(t.rand(c, generator=g) + 0.5)
                 m.bias.copy_(t.randn(c, generator=g) * 0.2)
+        for k, p in module.named_parameters():
+            if ".one2one_" in k and p.ndim == 4:
+                p.add_(t.randn(p.shape, generator=g) * p.std() * 0.5)
     return module
 
 
@@ -50,8 +57,10 @@ def random_rows(rng, *, batch: int, nc: int, per_image: int = 3, sizes=(0.1, 0.5
     return np.asarray(rows, np.float32)
 
 
-def upstream_nhwc(module, name: str, images) -> list[np.ndarray]:
-    """Eval-mode raw per-level outputs of an upstream module, in jaxyolo's layout."""
+def upstream_nhwc(module, name: str, images):
+    """Eval-mode raw per-level outputs of an upstream module, in jaxyolo's layout:
+    a list of ``(B, H, W, C)`` arrays, or for an end-to-end head the dict
+    ``{"one2many": [...], "one2one": [...]}`` of such lists (as the jaxyolo model returns)."""
     from jaxyolo.models import upstream
     from jaxyolo.models.registry import get_spec
 
@@ -60,4 +69,6 @@ def upstream_nhwc(module, name: str, images) -> list[np.ndarray]:
     module.eval()
     with t.no_grad():
         raw = upstream.raw_outputs(module, family, upstream.torch_images(images, family))
+    if isinstance(raw, dict):
+        return {k: [upstream.to_nhwc(r, family) for r in v] for k, v in raw.items()}
     return [upstream.to_nhwc(r, family) for r in raw]

@@ -3,7 +3,8 @@
 A train step of a whole network makes discrete choices on float32 values: the
 max-pools of SPP/SPPF route each window's gradient to its largest cell, and
 the assigners pick anchors (TAL: each GT's top-k align metrics, then the GT of
-highest overlap for an anchor claimed twice; SimOTA: ``dynamic_k = int(sum of
+highest overlap for an anchor claimed twice, and with ``topk2`` (``E2ELoss``'s
+one-to-one branch) each GT's best ``topk2`` of the anchors it keeps; SimOTA: ``dynamic_k = int(sum of
 the top-10 IoUs)``, the ``dynamic_k`` cheapest anchors, the cheapest GT for
 an anchor matched twice).  jaxyolo and PyTorch compute the network in float32
 with different rounding, and XLA's CPU code differs with the processor's
@@ -30,7 +31,9 @@ Units: max-pool gaps are absolute (activation units: the top value of a window
 minus the runner-up at another cell); TAL gaps are divided by the GT's largest
 align metric (a flipped pick changes that GT's target scores by about that
 much; picks far below the GT's largest metric barely move the loss) or by the
-anchor's largest overlap; SimOTA cost gaps are relative to the cost, the dynamic-k gap
+anchor's largest overlap (kinds ``tal_*`` for a loss's first assigner call,
+``tal2_*`` for its second: ``E2ELoss`` assigns the one-to-many branch with
+top-10, then the one-to-one branch with top-7 and ``topk2`` 1); SimOTA cost gaps are relative to the cost, the dynamic-k gap
 is the distance of the top-10 IoU sum to the nearest integer.
 """
 
@@ -53,7 +56,7 @@ class Replay:
     gap: dict = field(default_factory=dict)  # kind -> smallest deciding gap (float64 run)
     err: dict = field(default_factory=dict)  # kind -> largest float32 - float64 error of the deciding values
     same_assignment: bool = True  # float32 and float64 assignments identical
-    upstream32: dict = field(default_factory=dict)  # the float32 run's assigner record (TAL: metric, fg, gt_idx)
+    upstream32: dict = field(default_factory=dict)  # the float32 run's assigner record (TAL: "tal", one dict per call)
 
     def check(self, safety=SAFETY):
         """Assert the case has room on every choice; the message says which does not."""
@@ -119,8 +122,17 @@ def _recording_assigners(rec):
         out = tal(self, *args, **kw)
         pd_scores, pd_bboxes, anc, labels, gt, mask_gt = args
         mask_pos, metric, overlaps = self.get_pos_mask(pd_scores, pd_bboxes, labels, gt, anc, mask_gt)
-        rec.update(metric=metric.double(), overlaps=overlaps.double(), mask_pos=mask_pos.bool(), mask_gt=mask_gt[..., 0].bool(),
-                   topk=self.topk, fg=out[3], gt_idx=out[4])
+        topk2, self.topk2 = self.topk2, self.topk  # the multi-GT resolution alone: the positives topk2 picks from
+        try:
+            _, _, kept = self.select_highest_overlaps(mask_pos.clone(), overlaps, self.n_max_boxes, metric)
+        finally:
+            self.topk2 = topk2
+        rec.setdefault("tal", []).append(dict(
+            metric=metric.double(), overlaps=overlaps.double(), mask_pos=mask_pos.bool(), mask_gt=mask_gt[..., 0].bool(),
+            topk=self.topk, topk2=self.topk2, fg=out[3], gt_idx=out[4],
+            # topk2 < topk (E2ELoss's one-to-one branch): each GT's topk2 best metrics among its anchors left after
+            # the multi-GT resolution decide; the positive mask before that pick
+            multi_resolved=kept.bool() if self.topk2 != self.topk else None))
         return out
 
     def simota_recording(self, cost, ious, gt_classes, num_gt, fg_mask):
@@ -199,27 +211,40 @@ def replay(up, run, *, pools: bool = True) -> Replay:
     if pools and p64:
         rooms = [_pool_room(t, x32, x64, k) for (x32, _), (x64, k) in zip(_pool_windows(p32), _pool_windows(p64))]
         out.gap["maxpool"], out.err["maxpool"], _ = min(rooms, key=lambda r: r[2])
-    if "metric" in r64:
-        _tal_room(r32, r64, out)
+    calls = list(zip(r32.get("tal", []), r64.get("tal", [])))
+    for i, (c32, c64) in enumerate(calls):  # E2ELoss: the one-to-many (topk 10), then the one-to-one (topk 7, topk2 1)
+        _tal_room(c32, c64, out, "tal" if i == 0 else f"tal{i + 1}")
     if "images" in r64:
         _simota_room(t, r32["images"], r64["images"], out)
     return out
 
 
-def _tal_room(r32, r64, out):
-    """TAL: each GT's top-k boundary and each anchor claimed by several GTs."""
-    metric, overlaps, k = r64["metric"], r64["overlaps"], r64["topk"]
+def _boundary(metric, k, mask_gt, scale):
+    """Smallest gap between each GT's ``k``-th and ``k+1``-th metric, in units
+    of ``scale``, where both are positive (1.0 if no boundary decides)."""
     top = metric.sort(-1, descending=True).values
-    scale = top[..., :1].clamp(min=1e-300)  # each GT's largest align metric
-    boundary = (top[..., k - 1] - top[..., k]) / scale[..., 0]
-    live = r64["mask_gt"] & (top[..., k] > 0)  # a boundary between positive metrics decides
-    out.gap["tal_topk"] = float(boundary[live].min()) if live.any() else 1.0
-    out.err["tal_topk"] = float(((r32["metric"].double() - metric).abs() / scale).max())
+    live = mask_gt & (top[..., k] > 0)  # a boundary between positive metrics decides
+    return float(((top[..., k - 1] - top[..., k]) / scale[..., 0])[live].min()) if live.any() else 1.0
+
+
+def _tal_room(r32, r64, out, name="tal"):
+    """TAL, one assigner call, kinds ``{name}_topk``/``_multi`` (and ``_topk2``):
+    each GT's top-k boundary, each anchor claimed by several GTs, and with a
+    ``topk2 < topk`` (E2ELoss's one-to-one branch) each GT's top-``topk2``
+    boundary among the anchors it keeps after the multi-GT resolution."""
+    metric, overlaps, k = r64["metric"], r64["overlaps"], r64["topk"]
+    scale = metric.amax(-1, keepdim=True).clamp(min=1e-300)  # each GT's largest align metric
+    err = float(((r32["metric"].double() - metric).abs() / scale).max())
+    out.gap[f"{name}_topk"], out.err[f"{name}_topk"] = _boundary(metric, k, r64["mask_gt"], scale), err
     multi = r64["mask_pos"].sum(1) > 1  # (B, A) anchors claimed by several GTs
     ov = overlaps.sort(1, descending=True).values
     best = ov[:, :1].clamp(min=1e-300)  # (B, 1, A) each anchor's largest overlap
-    out.gap["tal_multi"] = float(((ov[:, 0] - ov[:, 1]) / best[:, 0])[multi].min()) if multi.any() else 1.0
-    out.err["tal_multi"] = float(((r32["overlaps"].double() - overlaps).abs() / best).max())
+    out.gap[f"{name}_multi"] = float(((ov[:, 0] - ov[:, 1]) / best[:, 0])[multi].min()) if multi.any() else 1.0
+    out.err[f"{name}_multi"] = float(((r32["overlaps"].double() - overlaps).abs() / best).max())
+    if r64["multi_resolved"] is not None:
+        kept = metric * r64["multi_resolved"]
+        out.gap[f"{name}_topk2"], out.err[f"{name}_topk2"] = _boundary(kept, r64["topk2"], r64["mask_gt"], scale), err
+        out.same_assignment &= bool((r32["multi_resolved"] == r64["multi_resolved"]).all())
     fg = r64["fg"]
     out.same_assignment &= bool((r32["fg"] == fg).all() and (r32["gt_idx"][fg] == r64["gt_idx"][fg]).all())
 

@@ -325,3 +325,75 @@ def test_musgd_masks_match_build_optimizer_on_yolov8n(oracles):
     for k, (use_muon, wd, lr) in groups.items():
         assert ours[k] == (use_muon, wd != 0, pytest.approx(lr / 0.01)), k
     assert sum(s == 3.0 for _, _, s in ours.values()) > 0
+
+
+# --- NMS-free decode of the end-to-end architectures --------------------------------
+
+
+@pytest.mark.parametrize("name,nc,max_det", [("yolo26n", 3, 50), ("yolov10n", 5, 40)])
+def test_end2end_decode_matches_upstream_postprocess(oracles, rng, name, nc, max_det):
+    """``end2end_topk(*model.decode(preds))`` against upstream's own end-to-end
+    inference with the same random weights: ``Detect.forward`` in eval mode
+    with ``end2end`` on (the one-to-one branch, ``Detect.postprocess``: top
+    ``max_det`` anchors by best class, then the top ``max_det`` (anchor,
+    class) scores, no NMS), ``(B, max_det, 6)``.
+
+    The heads are fed random feature maps of a 64x96 input (126 anchors, so
+    both top-k steps select): a random network with random BatchNorm
+    statistics forgets its image (its logits vary only by position, from the
+    zero padding, with exact ties between interior anchors), so whole-model
+    inputs would be decided by tie order; the images-to-raw-outputs path is
+    test_arch_parity's forward parity."""
+    from _arch_cases import compiled, upstream_model
+
+    from jaxyolo.evaluate import end2end_topk
+    from jaxyolo.models import from_torch
+
+    t = oracles.torch()
+    up = upstream_model(name, nc)
+    head = up.model[-1]
+    feats = [rng.normal(0, 1, (2, seq[0].conv.in_channels, 64 // s, 96 // s)).astype(np.float32)
+             for seq, s in zip(head.cv2, (8, 16, 32))]
+    assert head.stride.tolist() == [8, 16, 32]
+    up.eval()
+    up.end2end = True  # DetectionModel's setter: the head's one-to-one inference
+    head.max_det = max_det
+    assert head.end2end and not head.agnostic_nms
+    # the class logits of a random head sit near its bias (-5 to -9, where float32's ulp is ~5e-7) and vary by
+    # a few hundredths: each level's last one-to-one class conv is rescaled to logits of std 1 about random
+    # offsets near -2, so that the candidates are far apart compared with their rounding
+    with t.no_grad():
+        for k, seq in enumerate(head.one2one_cv3):
+            conv, logits = seq[-1], seq(t.from_numpy(feats[k])).double()
+            mean, std = logits.mean((0, 2, 3)), logits.std((0, 2, 3))
+            conv.weight.div_(std.float()[:, None, None, None])
+            conv.bias.copy_((conv.bias.double() - mean) / std + t.from_numpy(rng.normal(-2.0, 1.0, nc)))
+        ref, raw = head([t.from_numpy(f) for f in feats])
+    ref = ref.numpy()
+    assert ref.shape == (2, max_det, 6) and "one2one" in raw
+
+    model = from_torch(up.state_dict(), name=name)
+    model.eval()
+    nhwc = [jnp.asarray(f.transpose(0, 2, 3, 1)) for f in feats]
+    boxes, scores = compiled(lambda f: model.decode(model.head(f)), nhwc)(nhwc)
+    # no near-ties at either top-k boundary nor among the kept scores: every relative gap is >= 10x (as
+    # _margins.SAFETY) the largest relative difference between the two frameworks of the scores that take
+    # part (those >= half the smallest one compared), so the selection and its order do not depend on
+    # float32 rounding
+    s = np.asarray(scores, np.float64)
+    theirs = t.sigmoid(raw["one2one"]["scores"].double()).numpy().transpose(0, 2, 1)
+    for img, ref_img in zip(s, theirs):
+        best = np.sort(img.max(-1))[::-1][: max_det + 1]
+        cand = np.sort(img[np.argsort(-img.max(-1))[:max_det]].ravel())[::-1][: max_det + 1]
+        near = ref_img >= 0.5 * min(best[-1], cand[-1])
+        err = float(np.max(np.abs(img - ref_img)[near] / ref_img[near]))
+        for v in (best, cand):
+            assert np.min(-np.diff(v) / v[1:]) >= 10 * max(err, 1e-7), (np.min(-np.diff(v) / v[1:]), err)
+        _record(f"{name} decode scores rel (deciding)", err)
+    ob, os_, oc, ov = (np.asarray(v) for v in end2end_topk(boxes, scores, conf_thres=0.0, max_det=max_det))
+    assert ov.all()
+    np.testing.assert_array_equal(oc, ref[..., 5].astype(np.int32))
+    np.testing.assert_allclose(os_, ref[..., 4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ob, ref[..., :4], rtol=1e-4, atol=1e-4)
+    _record(f"{name} decode boxes abs (px)", float(np.max(np.abs(ob - ref[..., :4]))))
+    _record(f"{name} decode scores rel", float(np.max(np.abs(os_ - ref[..., 4]) / ref[..., 4])))
