@@ -307,15 +307,24 @@ def test_trajectory_matches_ultralytics_trainer(oracles, batches):
 # ---------------------------------------------------------- the optimizer alone
 
 
-def _upstream_warmup(tr, ni, epoch, nw):
-    """The warmup block of ultralytics' ``BaseTrainer._do_train`` (8.4.190), copied:
-    it is inline in the training loop, which the tests cannot call on its own."""
-    if nw and ni <= nw:
-        xi = [0, nw]
-        for x in tr.optimizer.param_groups:
-            x["lr"] = float(np.interp(ni, xi, [tr.args.warmup_bias_lr if x.get("param_group") == "bias" else 0.0, x["initial_lr"] * tr.lf(epoch)]))
-            if "momentum" in x:
-                x["momentum"] = float(np.interp(ni, xi, [tr.args.warmup_momentum, tr.args.momentum]))
+def _upstream_iterations(tr, epochs, nb, nw):
+    """``(epoch, ni)`` of upstream's training loop, its LambdaLR stepped at each
+    epoch's start and, before each iteration, the warmup block of ultralytics'
+    ``BaseTrainer._do_train`` (8.4.190) applied to ``tr.optimizer``: copied, as
+    it is inline in the loop, which the tests cannot call on its own."""
+    for epoch in range(epochs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tr.scheduler.step()
+        for i in range(nb):
+            ni = i + nb * epoch
+            if nw and ni <= nw:
+                xi = [0, nw]
+                for x in tr.optimizer.param_groups:
+                    x["lr"] = float(np.interp(ni, xi, [tr.args.warmup_bias_lr if x.get("param_group") == "bias" else 0.0, x["initial_lr"] * tr.lf(epoch)]))
+                    if "momentum" in x:
+                        x["momentum"] = float(np.interp(ni, xi, [tr.args.warmup_momentum, tr.args.momentum]))
+            yield epoch, ni
 
 
 def _tiny_torch_model(torch):
@@ -366,29 +375,23 @@ def test_optimizer_steps_match_torch(oracles, optimizer):
     tr.scheduler.last_epoch = -1
     rng = np.random.default_rng(1)
     warm_lrs = []
-    for epoch in range(cfg.epochs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tr.scheduler.step()
-        for i in range(nb):
-            ni = i + nb * epoch
-            _upstream_warmup(tr, ni, epoch, nw)
-            ref = _hp(tr)
-            hp = jax.device_get(plan.hyperparams(ni))
-            np.testing.assert_allclose(hp["lr"], ref["lr"], rtol=1e-6, err_msg=f"iteration {ni}")
-            np.testing.assert_allclose(hp["momentum"], ref["momentum"][0], rtol=1e-7, err_msg=f"iteration {ni}")
-            grads = {k: {n: rng.standard_normal(v.shape).astype(np.float32) for n, v in d.items()} for k, d in params.items()}
-            for k, d in grads.items():
-                for n, g in d.items():
-                    t = getattr(m, _TORCH_OF[k])
-                    tp = getattr(t, "weight" if n in ("kernel", "scale") else "bias")
-                    tp.grad = torch.from_numpy(np.ascontiguousarray(g.transpose(3, 2, 0, 1) if g.ndim == 4 else g.T if n == "kernel" else g))
-            tr.optimizer.step()
-            params, opt_state = step(jax.tree.map(jnp.asarray, grads), opt_state, params, ni)
-            for k, d in _tiny_params(m).items():
-                for n, v in d.items():
-                    np.testing.assert_allclose(np.asarray(params[k][n]), v, rtol=2e-6, atol=2e-7, err_msg=f"{optimizer} iteration {ni} {k}.{n}")
-            warm_lrs.append(ref["lr"])
+    for epoch, ni in _upstream_iterations(tr, cfg.epochs, nb, nw):
+        ref = _hp(tr)
+        hp = jax.device_get(plan.hyperparams(ni))
+        np.testing.assert_allclose(hp["lr"], ref["lr"], rtol=1e-6, err_msg=f"iteration {ni}")
+        np.testing.assert_allclose(hp["momentum"], ref["momentum"][0], rtol=1e-7, err_msg=f"iteration {ni}")
+        grads = {k: {n: rng.standard_normal(v.shape).astype(np.float32) for n, v in d.items()} for k, d in params.items()}
+        for k, d in grads.items():
+            for n, g in d.items():
+                t = getattr(m, _TORCH_OF[k])
+                tp = getattr(t, "weight" if n in ("kernel", "scale") else "bias")
+                tp.grad = torch.from_numpy(np.ascontiguousarray(g.transpose(3, 2, 0, 1) if g.ndim == 4 else g.T if n == "kernel" else g))
+        tr.optimizer.step()
+        params, opt_state = step(jax.tree.map(jnp.asarray, grads), opt_state, params, ni)
+        for k, d in _tiny_params(m).items():
+            for n, v in d.items():
+                np.testing.assert_allclose(np.asarray(params[k][n]), v, rtol=2e-6, atol=2e-7, err_msg=f"{optimizer} iteration {ni} {k}.{n}")
+        warm_lrs.append(ref["lr"])
     warm_lrs = np.array(warm_lrs)
     assert warm_lrs[1, 2] > 0.05 > warm_lrs[1, 0] > 0  # the bias group's LR falls from 0.1, the others rise from 0
 
@@ -440,33 +443,27 @@ def test_musgd_steps_match_torch(oracles, ns_float32):
     rng = np.random.default_rng(1)
     worst, muon_worst, lr_seen = 0.0, 0.0, []
     muon_lr = {k: 0.0 for k in named}  # per tensor: the sum of its Muon step sizes lr * muon so far
-    for epoch in range(cfg.epochs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tr.scheduler.step()
-        for i in range(nb):
-            ni = i + nb * epoch
-            _upstream_warmup(tr, ni, epoch, nw)
-            hp = jax.device_get(plan.hyperparams(ni))
-            for k, p in named.items():
-                g = next(x for x in tr.optimizer.param_groups if any(q is p for q in x["params"]))
-                np.testing.assert_allclose(hp["lr"][ours[k]], g["lr"], rtol=1e-6, err_msg=f"iteration {ni} {k}")
-                np.testing.assert_allclose(hp["momentum"], g["momentum"], rtol=1e-7, err_msg=f"iteration {ni} {k}")
-            lr_seen.append(hp["lr"])
-            grads = {k: rng.standard_normal(p.shape).astype(np.float32) for k, p in named.items()}
-            for k, p in named.items():
-                p.grad = torch.from_numpy(grads[k])
-            with oracles.float32_newton_schulz() if ns_float32 else contextlib.nullcontext():
-                tr.optimizer.step()
-            params, opt_state = step(_nest({to_flax[k]: jnp.asarray(_to_flax(k, g)[1]) for k, g in grads.items()}), opt_state, params, ni)
-            for k, p in named.items():
-                ref = _to_flax(k, p.detach().numpy())[1]
-                err = float(np.max(np.abs(np.asarray(_at(params, to_flax[k])) - ref)))
-                muon_lr[k] += float(hp["lr"][ours[k]]) * 0.2 if p.ndim in (2, 4) else 0.0
-                if muon_lr[k] and not ns_float32:  # bfloat16 Newton-Schulz: in units of the Muon steps taken
-                    muon_worst = max(muon_worst, err / muon_lr[k])
-                else:  # no Newton-Schulz in the step, or float32's: float32's agreement
-                    worst = max(worst, err / float(np.max(np.abs(ref))))
+    for epoch, ni in _upstream_iterations(tr, cfg.epochs, nb, nw):
+        hp = jax.device_get(plan.hyperparams(ni))
+        for k, p in named.items():
+            g = next(x for x in tr.optimizer.param_groups if any(q is p for q in x["params"]))
+            np.testing.assert_allclose(hp["lr"][ours[k]], g["lr"], rtol=1e-6, err_msg=f"iteration {ni} {k}")
+            np.testing.assert_allclose(hp["momentum"], g["momentum"], rtol=1e-7, err_msg=f"iteration {ni} {k}")
+        lr_seen.append(hp["lr"])
+        grads = {k: rng.standard_normal(p.shape).astype(np.float32) for k, p in named.items()}
+        for k, p in named.items():
+            p.grad = torch.from_numpy(grads[k])
+        with oracles.float32_newton_schulz() if ns_float32 else contextlib.nullcontext():
+            tr.optimizer.step()
+        params, opt_state = step(_nest({to_flax[k]: jnp.asarray(_to_flax(k, g)[1]) for k, g in grads.items()}), opt_state, params, ni)
+        for k, p in named.items():
+            ref = _to_flax(k, p.detach().numpy())[1]
+            err = float(np.max(np.abs(np.asarray(_at(params, to_flax[k])) - ref)))
+            muon_lr[k] += float(hp["lr"][ours[k]]) * 0.2 if p.ndim in (2, 4) else 0.0
+            if muon_lr[k] and not ns_float32:  # bfloat16 Newton-Schulz: in units of the Muon steps taken
+                muon_worst = max(muon_worst, err / muon_lr[k])
+            else:  # no Newton-Schulz in the step, or float32's: float32's agreement
+                worst = max(worst, err / float(np.max(np.abs(ref))))
     print(f"MuSGD ({'float32' if ns_float32 else 'bfloat16'} Newton-Schulz): parameters within {worst:.1e} of each tensor's max"
           + ("" if ns_float32 else f", Muon leaves within {muon_worst:.1e} of their summed Muon step sizes"))
     assert worst < 1e-6
