@@ -75,34 +75,16 @@ YOLO11 = (
     ((16, 19, 22), 1, "Detect", ()),  # Detect(P3, P4, P5)
 )
 
-YOLO26 = (
-    # backbone
-    (-1, 1, "Conv", (64, 3, 2)),  # 0-P1/2
-    (-1, 1, "Conv", (128, 3, 2)),  # 1-P2/4
-    (-1, 2, "C3k2", (256, False, 0.25)),
-    (-1, 1, "Conv", (256, 3, 2)),  # 3-P3/8
-    (-1, 2, "C3k2", (512, False, 0.25)),
-    (-1, 1, "Conv", (512, 3, 2)),  # 5-P4/16
-    (-1, 2, "C3k2", (512, True)),
-    (-1, 1, "Conv", (1024, 3, 2)),  # 7-P5/32
-    (-1, 2, "C3k2", (1024, True)),
-    (-1, 1, "SPPF", (1024, 5, 3, True)),  # 9
-    (-1, 2, "C2PSA", (1024,)),  # 10
-    # head
-    (-1, 1, "Upsample", ()),
-    ((-1, 6), 1, "Concat", ()),  # cat backbone P4
-    (-1, 2, "C3k2", (512, True)),  # 13
-    (-1, 1, "Upsample", ()),
-    ((-1, 4), 1, "Concat", ()),  # cat backbone P3
-    (-1, 2, "C3k2", (256, True)),  # 16 (P3/8-small)
-    (-1, 1, "Conv", (256, 3, 2)),
-    ((-1, 13), 1, "Concat", ()),  # cat head P4
-    (-1, 2, "C3k2", (512, True)),  # 19 (P4/16-medium)
-    (-1, 1, "Conv", (512, 3, 2)),
-    ((-1, 10), 1, "Concat", ()),  # cat head P5
-    (-1, 1, "C3k2", (1024, True, 0.5, True)),  # 22 (P5/32-large)
-    ((16, 19, 22), 1, "Detect", ()),  # Detect(P3, P4, P5)
-)
+# yolo26.yaml is yolo11.yaml but for these rows: SPPF [c2, k, n, shortcut]
+# (shortcut, unactivated cv1), the neck's C3k2 with c3k=True, and the last
+# one with attention.
+YOLO26 = tuple({
+    9: (-1, 1, "SPPF", (1024, 5, 3, True)),
+    13: (-1, 2, "C3k2", (512, True)),
+    16: (-1, 2, "C3k2", (256, True)),  # 16 (P3/8-small)
+    19: (-1, 2, "C3k2", (512, True)),  # 19 (P4/16-medium)
+    22: (-1, 1, "C3k2", (1024, True, 0.5, True)),  # 22 (P5/32-large)
+}.get(i, row) for i, row in enumerate(YOLO11))
 
 YOLOV10 = (  # yolov10n.yaml; the other scales replace rows (_V10_ROWS)
     # backbone
