@@ -233,13 +233,13 @@ def _predict(args) -> int:
     out = Path(args.out) if args.out is not None else _next_free(Path("runs") / "predict")
     size = session.config.img_size
     conf, iou, max_det = args.conf, args.iou, args.max_det
-    nms = jax.jit(lambda p, s, im: session.detect(p, s, im, conf_thres=conf, iou_thres=iou, max_det=max_det),
+    detect = jax.jit(lambda p, s, im: session.detect(p, s, im, conf_thres=conf, iou_thres=iou, max_det=max_det),
                   compiler_options=compiler_options())
     params, stats = session.ema["params"], session.ema["stats"]
     names = meta["names"]
     n = boxes = 0
     try:
-        for det, image in iter_predictions(paths, lambda im: nms(params, stats, im), img_size=size, conf=conf, batch_size=args.batch):
+        for det, image in iter_predictions(paths, lambda im: detect(params, stats, im), img_size=size, conf=conf, batch_size=args.batch):
             save_prediction(det, image, out, names, save_txt=args.save_txt)
             n, boxes = n + 1, boxes + len(det)
     except _USER_ERRORS as e:
