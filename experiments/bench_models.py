@@ -214,11 +214,11 @@ def main(argv=None):
     quiet, warning = load_check()
     if warning:
         print(warning, flush=True)
-    print(f"machine: {cpu_description()}; {quiet}", flush=True)
+    print(f"machine: {cpu_description()}; {quiet}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
           f"torch {t.__version__} on {device} ({t.get_num_threads()} threads); "
           f"B={args.batch}, {args.img}x{args.img}, nc={args.nc}, median of {args.repeats}", flush=True)
-    header = dict(jax=jax.__version__, jax_backend=jax.default_backend(), jax_device=jax.devices()[0].device_kind,
+    header = dict(glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), jax=jax.__version__, jax_backend=jax.default_backend(), jax_device=jax.devices()[0].device_kind,
                   torch=t.__version__, torch_device=device.type, machine=cpu_description(), load=quiet,
                   batch=args.batch, img=args.img, nc=args.nc, max_gt=args.max_gt, repeats=args.repeats)
     rows = []
@@ -236,4 +236,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from jaxyolo._host import reexec_with_hugepages
+
+    reexec_with_hugepages()  # malloc as the `jaxyolo` program has it (jaxyolo/_host.py)
     main()

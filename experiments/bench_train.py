@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(cfg, epochs=max(1, -(-total // max(cfg.train_size // cfg.batch, 1))) + 1, max_steps=total, close_mosaic=0)
     if args.no_augment:
         cfg = dataclasses.replace(cfg, **{k: 0.0 for k in ("mosaic", "translate", "scale", "hsv_h", "hsv_s", "hsv_v", "fliplr")})
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} devices), {os.cpu_count()} CPU cores")
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} devices), {os.cpu_count()} CPU cores; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     print(f"config: loss={cfg.loss} model={cfg.model} img={cfg.img_size} batch={cfg.batch} precision={cfg.precision} "
           f"train_size={cfg.train_size} log_every={args.log_every}; augmentation: {'off' if args.no_augment else 'mosaic ' + str(cfg.mosaic) + ' + affine + HSV + flip'}; "
           f"{args.warmup} warm-up + {args.steps} timed steps")
@@ -165,4 +166,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxyolo._host import reexec_with_hugepages
+
+    reexec_with_hugepages()  # malloc as the `jaxyolo` program has it (jaxyolo/_host.py)
     sys.exit(main())

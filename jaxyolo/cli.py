@@ -261,6 +261,10 @@ def _compare(args) -> int:
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the ``jaxyolo`` program itself: malloc with huge pages (jaxyolo/_host.py)
+        from jaxyolo._host import reexec_with_hugepages
+
+        reexec_with_hugepages()
     args = build_parser().parse_args(argv)
     return {"train": _train, "eval": _eval, "predict": _predict, "convert": _convert, "compare": _compare}[args.command](args)
 
