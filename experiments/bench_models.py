@@ -21,6 +21,9 @@ For each model, one forward + backward of the model *with its matching loss*
   ``backward()``; on CUDA when ``torch.cuda.is_available()``, else on the CPU
   with all cores; ``.grad`` cleared outside the timed region.
 
+Run as a program it restarts itself once with glibc's huge-page malloc, as the
+``jaxyolo`` program does (``jaxyolo/_host.py``); the header prints ``GLIBC_TUNABLES``.
+
 Both sides get the same weights (``from_torch`` of the upstream model), the
 same images (jaxyolo ``[0, 1]`` RGB; YOLOX upstream its 0-255 BGR) and the same
 targets; the script prints both losses as a same-inputs check.  float32 on

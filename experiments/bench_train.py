@@ -19,6 +19,9 @@ Prints, for one config, on JAX's default backend:
 (c) the input pipeline alone: gather + transfer of ``--steps`` batches
     through the prefetcher (batches per second);
 
+Run as a program it restarts itself once with glibc's huge-page malloc, as the
+``jaxyolo`` program does (``jaxyolo/_host.py``); the header prints ``GLIBC_TUNABLES``.
+
 and last ``efficiency X`` with X = (a) / (b): 1.0 means the loop adds nothing
 to the step.  Evaluation (mAP) is not part of the loop timed here.
 
