@@ -14,8 +14,9 @@ and 110 ms per step for the first, 0.4 million faults and 4.3 s for the
 second (docs/speed.md).
 
 A tunable is read when the process starts, so :func:`reexec_with_hugepages`
-starts the same command line again with it set (``os.execv``: the same
-process id, before anything is imported or opened).  Only where it can help:
+starts the same command line again with it set (``os.execve``: the same
+process id; called before JAX starts or any file is opened, at the cost of
+importing jaxyolo twice, about 0.6 s).  Only where it can help:
 Linux with glibc and huge pages in ``madvise`` mode (``always`` already gives
 them, ``never`` forbids them).  A ``glibc.malloc.hugetlb`` already in
 ``GLIBC_TUNABLES`` is left as it is, so ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0``
