@@ -5,8 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from jaxyolo import _host
 
 
@@ -48,7 +46,6 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(_host._thp_mode() != "madvise" or not _host._glibc(), reason="needs glibc and huge pages in madvise mode")
 def test_restarted_process_mallocs_huge_pages():
     def run(**extra):
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | extra
@@ -56,6 +53,9 @@ def test_restarted_process_mallocs_huge_pages():
         tunables, huge_kb = out.stdout.split()
         return tunables, int(huge_kb)
 
+    if _host._thp_mode() != "madvise" or not _host._glibc():
+        assert run()[0] == "None"  # nothing to gain here: no restart, the environment untouched
+        return
     tunables, huge_kb = run()
     assert tunables == "glibc.malloc.hugetlb=1"
     # some of the 64 MB block in 2 MB pages (all of it on a quiet machine; a
