@@ -17,7 +17,7 @@ A tunable is read when the process starts, so :func:`reexec_with_hugepages`
 starts the same command line again with it set (``os.execve``: the same
 process id; called before JAX starts or any file is opened, at the cost of
 importing jaxyolo twice, about 0.6 s).  Only where it can help:
-Linux with glibc and huge pages in ``madvise`` mode (``always`` already gives
+Linux with glibc 2.35 or later (the first with the tunable) and huge pages in ``madvise`` mode (``always`` already gives
 them, ``never`` forbids them).  A ``glibc.malloc.hugetlb`` already in
 ``GLIBC_TUNABLES`` is left as it is, so ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0``
 turns this off.
@@ -46,8 +46,10 @@ def _thp_mode(path: str = _THP_MODE) -> str | None:
 
 
 def _glibc() -> bool:
+    """Whether this process runs on a glibc that knows ``glibc.malloc.hugetlb`` (2.35+)."""
     try:
-        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        return name == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35)
     except (AttributeError, ValueError, OSError):
         return False
 

@@ -34,6 +34,8 @@ _CHILD = textwrap.dedent("""
     reexec_with_hugepages()
     import ctypes, os
     def huge_kb():
+        if not os.path.exists("/proc/self/smaps_rollup"):  # not Linux: nothing to count
+            return -1
         with open("/proc/self/smaps_rollup") as f:
             return int(next(line.split()[1] for line in f if line.startswith("AnonHugePages")))
     libc = ctypes.CDLL(None)
