@@ -154,6 +154,39 @@ def test_multi_label_nms_matches_definition(rng, max_det):
     _assert_nms_equals(boxes, scores, ref, conf_thres=0.1, iou_thres=0.5, max_det=max_det, multi_label=True)
 
 
+def test_nms_runs_on_the_prefix_that_holds_every_candidate(rng):
+    """The suppression runs on the shortest compiled prefix (128, 512, ..., K) of the
+    score-sorted candidates that holds every candidate above ``conf_thres`` in the batch:
+    each prefix, picked by the batch's largest count, gives the detections of the whole
+    K and of the definition."""
+    import functools
+
+    import jax
+
+    from jaxyolo.evaluate import nms
+
+    conf, iou, max_det = 0.3, 0.5, 300
+    assert nms._prefix_sizes(1200) == (128, 512, 1200) and nms._prefix_sizes(128) == (128,) and nms._prefix_sizes(100) == (100,)
+    boxes, _ = _random_case(rng, 4, 300, 4)  # multi-label: K = 1200 pairs
+    scores = rng.uniform(0, conf, (4, 300, 4)).astype(np.float32)
+    for i, n in enumerate((0, 100, 400, 1100)):  # candidates above conf per image: one per prefix, and none
+        flat = scores[i].reshape(-1)
+        flat[rng.choice(flat.size, n, replace=False)] = rng.uniform(conf + 1e-3, 1, n)
+    for rows in ([0, 1], [1, 2], [0, 3], [0, 1, 2, 3]):  # the batch's largest count: 100, 400, 1100, 1100
+        b, s = jnp.asarray(boxes[rows]), jnp.asarray(scores[rows])
+        out = [np.asarray(x) for x in batched_nms(b, s, conf_thres=conf, iou_thres=iou, max_det=max_det, multi_label=True,
+                                                  pre_nms_topk=3000, with_count=True)]
+        np.testing.assert_array_equal(out[4], (scores[rows] > conf).sum((1, 2)))
+        cands = jax.vmap(functools.partial(nms._nms_candidates, conf_thres=conf, k=1200, max_wh=7680.0, multi_label=True))(b, s)
+        full = jax.vmap(functools.partial(nms._nms_select, conf_thres=conf, iou_thres=iou, max_det=max_det))(*cands[:4])
+        for o, f in zip(out, full):
+            np.testing.assert_array_equal(o, np.asarray(f))
+        for j, i in enumerate(rows):
+            ref = _greedy_nms(boxes[i], scores[i], conf_thres=conf, iou_thres=iou, max_det=max_det, multi_label=True)
+            assert int(out[3][j].sum()) == len(ref) and (len(ref) > 0) == (i > 0)
+            np.testing.assert_array_equal(out[1][j, :len(ref)], np.float32([r[1] for r in ref]))
+
+
 def test_multi_label_nms_drops_beyond_topk_and_counts():
     """With more candidates than ``pre_nms_topk`` the lowest-scoring go first, and the count says so."""
     boxes = np.tile(np.float32([[0, 0, 10, 10]]), (5, 1)) + np.arange(5, dtype=np.float32)[:, None] * 20

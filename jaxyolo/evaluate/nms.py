@@ -69,16 +69,25 @@ def _greedy_keep(suppress, valid):
     return keep
 
 
-def _nms_one(boxes, scores, *, conf_thres, iou_thres, max_det, pre_nms_topk, max_wh, multi_label):
-    n_pairs = scores.shape[0] * (scores.shape[1] if multi_label else 1)
-    k = min(pre_nms_topk, n_pairs)
+def _nms_candidates(boxes, scores, *, conf_thres, k, max_wh, multi_label):
+    """One image's top-``k`` candidates in descending score: ``conf (k,)``,
+    ``boxes (k, 4)``, ``classes (k,)``, the class-shifted boxes ``(k, 4)``
+    the suppression compares, and the number of (anchor, class) pairs (or
+    anchors, single-label) with a score ``> conf_thres``."""
     top_conf, anchor, top_cls = _candidates(scores, k=k, multi_label=multi_label)
     top_boxes = boxes[anchor]
-    valid = top_conf > conf_thres
     n_cand = (scores > conf_thres).sum() if multi_label else (jnp.max(scores, axis=-1) > conf_thres).sum()
     # Class-aware: offset each class into its own region so classes never overlap
     # (upstream's ``c * max_wh``, same float32 rounding).
     shifted = top_boxes + top_cls.astype(boxes.dtype)[:, None] * max_wh
+    return top_conf, top_boxes, top_cls, shifted, n_cand.astype(jnp.int32)
+
+
+def _nms_select(top_conf, top_boxes, top_cls, shifted, *, conf_thres, iou_thres, max_det):
+    """Greedy NMS over one image's candidates (descending score, ``(K,)``
+    each): the first ``max_det`` kept, padded to ``max_det``."""
+    k = top_conf.shape[0]
+    valid = top_conf > conf_thres
     keep = _greedy_keep(_suppression_matrix(shifted, iou_thres), valid)
     # Kept boxes are already in descending score order: take the first max_det.
     n = min(max_det, k)
@@ -93,7 +102,17 @@ def _nms_one(boxes, scores, *, conf_thres, iou_thres, max_det, pre_nms_topk, max
         out_scores = jnp.pad(out_scores, (0, pad))
         out_cls = jnp.pad(out_cls, (0, pad))
         out_valid = jnp.pad(out_valid, (0, pad))
-    return out_boxes, out_scores, out_cls.astype(jnp.int32), out_valid, n_cand.astype(jnp.int32)
+    return out_boxes, out_scores, out_cls.astype(jnp.int32), out_valid
+
+
+def _prefix_sizes(k: int) -> tuple[int, ...]:
+    """The candidate counts the suppression is compiled for: ``128, 512,
+    2048, ...`` below ``k``, then ``k``."""
+    sizes, s = [], 128
+    while s < k:
+        sizes.append(s)
+        s *= 4
+    return (*sizes, k)
 
 
 @functools.partial(jax.jit, static_argnames=("conf_thres", "iou_thres", "max_det", "pre_nms_topk", "max_wh", "multi_label", "with_count"))
@@ -110,7 +129,10 @@ def batched_nms(boxes, scores, *, conf_thres=0.001, iou_thres=0.7, max_det=100, 
       max_det: D, detections kept per image.
       pre_nms_topk: K, only the top-K candidates by score enter NMS (the
         static size; upstream's ``max_nms`` is 30 000).  Candidates beyond K
-        are dropped, the lowest-scoring ones; ``with_count`` tells when.
+        are dropped, the lowest-scoring ones; ``with_count`` tells when.  The
+        ``(K, K)`` suppression runs on the first 128, 512, 2048, ... or K of
+        them, the shortest that holds every candidate above ``conf_thres``
+        in the batch (one program, a ``lax.switch``; the same result).
       max_wh: class offset in pixels (boxes must be smaller than this).
       multi_label: False: each anchor is one candidate, its best class
         (upstream's predict).  True: each (anchor, class) pair with a score
@@ -134,11 +156,22 @@ def batched_nms(boxes, scores, *, conf_thres=0.001, iou_thres=0.7, max_det=100, 
     for name, v in (("max_det", max_det), ("pre_nms_topk", pre_nms_topk)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    fn = functools.partial(
-        _nms_one, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, pre_nms_topk=pre_nms_topk, max_wh=max_wh,
-        multi_label=bool(multi_label) and scores.shape[-1] > 1,
-    )
-    *out, count = jax.vmap(fn)(boxes.astype(jnp.float32), scores.astype(jnp.float32))
+    multi_label = bool(multi_label) and scores.shape[-1] > 1
+    k = min(pre_nms_topk, scores.shape[1] * (scores.shape[2] if multi_label else 1))
+    cands = jax.vmap(functools.partial(_nms_candidates, conf_thres=conf_thres, k=k, max_wh=max_wh, multi_label=multi_label))(
+        boxes.astype(jnp.float32), scores.astype(jnp.float32))
+    *cands, count = cands
+    # The (K, K) suppression is the cost, and on a trained detector most of the
+    # K candidates are below conf_thres (invalid: they neither are kept nor
+    # suppress).  The candidates are in descending score, so the first
+    # ``max(count)`` of them hold every valid one: run the suppression on the
+    # shortest compiled prefix that covers them (same result, 16x less work
+    # for 500 of 2000).
+    sizes = _prefix_sizes(k)
+    need = jnp.minimum(jnp.max(count, initial=0), k)
+    select = functools.partial(_nms_select, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
+    branches = [lambda c, s=s: jax.vmap(select)(*(v[:, :s] for v in c)) for s in sizes]
+    out = jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need), branches, cands)
     return (*out, count) if with_count else tuple(out)
 
 
