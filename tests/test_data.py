@@ -33,6 +33,22 @@ def test_embedded_is_deterministic_and_splits_differ():
     assert a.shape == (96, 96, 3) and a.dtype == np.uint8
 
 
+def test_embedded_render_threads_give_the_serial_result():
+    """``make_shapes_dataset`` renders on threads; every image is the one
+    ``render_shapes_image`` draws for its index, whatever the thread count."""
+    from jaxyolo.data.shapes import make_shapes_dataset
+
+    imgs, labs = make_shapes_dataset(70, seed=5, img_size=64, workers=3)
+    one, one_labs = make_shapes_dataset(70, seed=5, img_size=64, workers=1)
+    np.testing.assert_array_equal(imgs, one)
+    for i in (0, 33, 69):
+        img, lab = render_shapes_image(5, i, img_size=64)
+        np.testing.assert_array_equal(imgs[i], img)
+        np.testing.assert_array_equal(labs[i], lab)
+    assert all(np.array_equal(a, b) for a, b in zip(labs, one_labs))
+    assert len({im.tobytes() for im in imgs}) == 70
+
+
 def test_embedded_content(shapes):
     labels = np.concatenate([lab for lab in shapes.labels])
     counts = np.array([len(lab) for lab in shapes.labels])
