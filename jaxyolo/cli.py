@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-size", type=int, default=d.train_size, help="embedded training images")
     t.add_argument("--val-size", type=int, default=d.val_size, help="embedded validation images")
     t.add_argument("--max-boxes", type=int, default=d.max_boxes, help="boxes per image the loss sees (static shape); more are cut and counted (boxes_cut). Default: the most objects in one training image, rounded up to a multiple of 8, at least 32")
-    t.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate mAP every N epochs (and at the end)")
+    t.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate mAP (yolo val's) every N epochs, and at the end, then with pycocotools' COCO mAP too")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, with a checkpoint (default: run every epoch)")
     t.add_argument("--save-every", type=int, default=None, help="also checkpoint every N steps (long epochs on preemptible machines; default: each epoch's end). SIGTERM or Ctrl-C stops at the next step with a checkpoint and exit status 75; --resume continues exactly")
     t.add_argument("--seed", type=int, default=d.seed, help="model init, data order and augmentation draws")

@@ -187,7 +187,7 @@ def test_train_recipe_ultralytics(tmp_path, capsys):
     warmup over epoch 1 (nw = round(min(3, 2 - 1) * 4) = 4), accumulation
     round(64 / 4) = 16 capped at the run's 8 batches, mosaic closed (close_mosaic 10)."""
     out = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "2", "--recipe", "ultralytics", "--out", str(out)]) == 0
+    assert main(["train", *TINY, "--epochs", "2", "--eval-every", "1", "--recipe", "ultralytics", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"jaxyolo train: {out}  (model=pico, recipe=ultralytics, loss=yolov8, ") and "optimizer=auto" in printed
     assert "val mAP50 " in printed
@@ -198,6 +198,14 @@ def test_train_recipe_ultralytics(tmp_path, capsys):
     rows = (out / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     lr = [float(r.split(",")[header.index("lr")]) for r in rows[1:]]
+    # both epochs evaluated; pycocotools' mAP at the last one only (the console line too)
+    cells = [dict(zip(header, r.split(","))) for r in rows[1:]]
+    assert [c["map50"] != "" for c in cells] == [True, True] and [c["coco_map50"] != "" for c in cells] == [False, True]
+    assert float(cells[1]["coco_map50"]) == final["coco_map50"]
+    from jaxyolo.train.loop import map_line
+
+    assert map_line({"map50": 0.5, "map50_95": 0.25, "coco_map50": None}) == "mAP50 0.5000  mAP50-95 0.2500 (yolo val)"
+    assert map_line(final).endswith(f"COCO mAP@0.5 {final['coco_map50']:.4f}  mAP@0.5:0.95 {final['coco_map50_95']:.4f}")
     # epoch 1: the warmup 0 -> lr0 * lf(0) over its 4 batches (mean 1e-3 * (0 + 1/4 + 2/4 + 3/4) / 4);
     # epoch 2: the LambdaLR's lr0 * lf(1) = 1e-3 * (0.5 * 0.99 + 0.01)
     np.testing.assert_allclose(lr, [1e-3 * 1.5 / 4, 1e-3 * 0.505], rtol=1e-5)

@@ -120,7 +120,8 @@ class TrainConfig:
         ``conf_thres``, no NMS (:func:`jaxyolo.evaluate.end2end_topk`).
       nms: end-to-end models only: evaluate (and predict) with the
         one-to-many branch and NMS instead, upstream's ``nms=True``.
-      eval_every: evaluate mAP every this many epochs (and always at the end).
+      eval_every: evaluate mAP every this many epochs (and always at the end;
+        pycocotools' COCO mAP at the end only).
       max_steps: stop (with a checkpoint) after this many global steps; for
         interrupted runs and tests.  None: run all epochs.
     """

@@ -89,8 +89,9 @@ class RunLogs:
         if self.tb is not None and row.get("map50") is not None:
             self.tb.add_scalar("val/map50", row["map50"], row["epoch"])
             self.tb.add_scalar("val/map50_95", row["map50_95"], row["epoch"])
-            self.tb.add_scalar("val/coco_map50", row["coco_map50"], row["epoch"])
-            self.tb.add_scalar("val/coco_map50_95", row["coco_map50_95"], row["epoch"])
+            if row.get("coco_map50") is not None:  # the last epoch's evaluation
+                self.tb.add_scalar("val/coco_map50", row["coco_map50"], row["epoch"])
+                self.tb.add_scalar("val/coco_map50_95", row["coco_map50_95"], row["epoch"])
 
     def close(self):
         if self.tb is not None:

@@ -95,15 +95,16 @@ def _report_failures(data, log):
         log(f"warning: {len(bad)} image{'s' * (len(bad) != 1)} cannot be read ({len(data.failed)} in all so far); each trains as an empty frame and is left out of the mAP: {shown}{more}")
 
 
-def _evaluate(session: Session, val_data, *, batch_size=None, log=None, rect: bool = False):
+def _evaluate(session: Session, val_data, *, batch_size=None, log=None, rect: bool = False, coco: bool = True):
     """The trainer validates square frames (as ultralytics' trainer); ``jaxyolo
-    eval`` passes ``rect=True`` (as ``yolo val``)."""
+    eval`` passes ``rect=True`` (as ``yolo val``).  ``coco=False``: without
+    pycocotools' mAP (the trainer's evaluations before the last)."""
     m = session.config.max_boxes or default_max_boxes(val_data)  # None: converted weights, no run's M
     d = eval_max_det(session.config.max_det, val_data)
     res = evaluate_model(
         lambda p, s, im: session.predict(p, s, im, d), session.ema["params"], session.ema["stats"], val_data,
         batch_size=batch_size or session.config.batch, max_boxes=m, sharding=session.batch_sharding, warn=log,
-        rect=rect, stride=int(max(session.strides)),
+        rect=rect, stride=int(max(session.strides)), coco=coco,
     )
     if log is not None:
         _report_failures(val_data, log)
@@ -112,9 +113,12 @@ def _evaluate(session: Session, val_data, *, batch_size=None, log=None, rect: bo
 
 def map_line(ev: dict) -> str:
     """``mAP50 0.8731  mAP50-95 0.6580 (yolo val)  COCO mAP@0.5 0.8223  mAP@0.5:0.95 0.6290``:
-    the headline (``yolo val``'s metric) and pycocotools' on the same detections."""
-    return (f"mAP50 {ev['map50']:.4f}  mAP50-95 {ev['map50_95']:.4f} (yolo val)   "
-            f"COCO mAP@0.5 {ev['coco_map50']:.4f}  mAP@0.5:0.95 {ev['coco_map50_95']:.4f}")
+    the headline (``yolo val``'s metric) and pycocotools' on the same
+    detections (left out where it was not computed)."""
+    line = f"mAP50 {ev['map50']:.4f}  mAP50-95 {ev['map50_95']:.4f} (yolo val)"
+    if ev.get("coco_map50") is None:
+        return line
+    return line + f"   COCO mAP@0.5 {ev['coco_map50']:.4f}  mAP@0.5:0.95 {ev['coco_map50_95']:.4f}"
 
 
 def _print(msg: str):
@@ -347,7 +351,10 @@ def train(
                 if due and preempted:
                     say(f"epoch {epoch}: evaluation skipped (stopping); --resume evaluates at the end of the run")
                 elif due:
-                    last_eval = _evaluate(session, val_data, log=say)
+                    # pycocotools' COCO mAP only at the last epoch: it costs as
+                    # much as the rest of a small evaluation, and ultralytics'
+                    # trainer reports yolo val's metric per epoch too.
+                    last_eval = _evaluate(session, val_data, log=say, coco=epoch == config.epochs)
                     erow.update(last_eval)
                     if progress and primary:
                         log(f"epoch {epoch}: val {map_line(last_eval)}")
