@@ -19,6 +19,7 @@ from jaxyolo.data.augment import (
     augment,
     box_candidates,
     hsv_augment,
+    pad_to_mosaic,
     params_from_uniform,
     sample_params,
 )
@@ -328,6 +329,35 @@ def test_deterministic_from_the_key_jit_equals_eager(rng):
     p = params_from_uniform(jax.random.uniform(jax.random.PRNGKey(7), (4, N_UNIFORM)), jnp.tile(rects[:1], (4, 1, 1)),
                             config=AugmentConfig(), size=S)
     assert len(set(np.asarray(p.center)[:, 0].tolist())) > 1  # independent draws per image
+
+
+def test_padded_batch_augments_as_without_mosaic(rng):
+    """A K = 1 batch padded to K = 4 (``pad_to_mosaic``: frames 1-3 empty) through the
+    mosaic config (``mosaic=1``) gives the K = 1 batch's augmentation without mosaic, bit
+    for bit: the trainer's closing epochs run its mosaic epochs' compiled step this way.
+    A mixed batch mosaics exactly the images that have partners."""
+    images, rects, t = _batch(rng, b=4)
+    one = {"image": images[:, :1], "rects": rects[:, :1], "boxes": t.boxes[:, :1], "classes": t.classes[:, :1],
+           "mask": t.mask[:, :1], "other": jnp.arange(4)}
+    padded = jax.jit(pad_to_mosaic)(one)
+    assert padded["image"].shape == (4, 4, S, S, 3) and padded["mask"].shape == (4, 4, t.mask.shape[-1])
+    assert not np.asarray(padded["mask"][:, 1:]).any() and not np.asarray(padded["rects"][:, 1:]).any()
+    np.testing.assert_array_equal(padded["other"], one["other"])
+    cfg = AugmentConfig(degrees=10.0, shear=2.0, fliplr=0.5, flipud=0.5)
+    without = jax.jit(functools.partial(augment, config=dataclasses.replace(cfg, mosaic=0.0), max_boxes=20))
+    with_mosaic = jax.jit(functools.partial(augment, config=cfg, max_boxes=20))
+    for seed in range(3):
+        a = without(jax.random.PRNGKey(seed), one["image"], one["rects"], Targets(one["boxes"], one["classes"], one["mask"]))
+        b = with_mosaic(jax.random.PRNGKey(seed), padded["image"], padded["rects"],
+                        Targets(padded["boxes"], padded["classes"], padded["mask"]))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
+    # images 0 and 2 keep their partners, 1 and 3 lose them: only 0 and 2 are mosaicked
+    mixed = rects.at[1::2, 1:].set(0)
+    p = sample_params(jax.random.PRNGKey(0), mixed, config=cfg, size=S)
+    np.testing.assert_array_equal(p.mosaic, [True, False, True, False])
+    with pytest.raises(ValueError, match=r"pad_to_mosaic takes a K = 1 batch"):
+        pad_to_mosaic(padded)
 
 
 def test_no_retrace_across_box_counts(rng):

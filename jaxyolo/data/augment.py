@@ -13,7 +13,10 @@ Inputs (the host sampler gathers them with one vectorised index per batch):
   letterboxed frames (:mod:`jaxyolo.data.images`); K = 4 when mosaic is on
   (the sample itself first, then 3 other images drawn uniformly from the
   dataset, upstream's ``Mosaic.get_indexes`` with images cached in RAM), K = 1
-  without mosaic.
+  without mosaic.  An image whose frames 1-3 have empty content rectangles
+  is never mosaicked: :func:`pad_to_mosaic` turns a K = 1 batch into such a
+  K = 4 batch, whose augmentation is the K = 1 batch's, bit for bit, so one
+  compiled train step serves the epochs with and without mosaic.
 * ``rects`` ``(B, K, 4)`` int32 ``[top, left, h, w]``: each frame's content
   rectangle (``DetectionData.content_rects``).  Upstream's mosaic tiles are
   the un-padded resized images, so the rectangle, not the S x S frame, is
@@ -79,6 +82,7 @@ __all__ = [
     "apply_augment",
     "box_candidates",
     "hsv_augment",
+    "pad_to_mosaic",
     "params_from_uniform",
     "sample_params",
     "N_UNIFORM",
@@ -168,7 +172,9 @@ def params_from_uniform(u, rects, *, config: AugmentConfig, size: int, mosaic_ok
         centred on image 0's).
       config: strengths.
       size: S.
-      mosaic_ok: False when K = 1 (no mosaic possible).
+      mosaic_ok: False when K = 1 (no mosaic possible).  With K = 4, an
+        image whose frames 1-3 are empty (``h`` or ``w`` 0: :func:`pad_to_mosaic`)
+        is not mosaicked either.
 
     Returns:
       :class:`AugmentParams`.
@@ -176,6 +182,8 @@ def params_from_uniform(u, rects, *, config: AugmentConfig, size: int, mosaic_ok
     c, s = config, float(size)
     u = jnp.asarray(u, jnp.float32)
     mosaic = (u[:, 0] < c.mosaic) if (mosaic_ok and c.mosaic > 0) else jnp.zeros(u.shape[:1], bool)
+    if mosaic_ok and rects.shape[1] == 4:
+        mosaic = mosaic & jnp.all((rects[:, 1:, 2] > 0) & (rects[:, 1:, 3] > 0), axis=1)  # three partner images
     # Mosaic.get_params: yc, xc = int(uniform(-border, 2 s + border)), border = -s // 2.
     lo, hi = float(size // 2), 2 * s - size // 2
     yc = jnp.floor(_lerp(u[:, 1], lo, hi)).astype(jnp.int32)
@@ -266,23 +274,26 @@ def _pick(table, q):
     return jnp.where(q < 2, jnp.where(q == 0, t[0], t[1]), jnp.where(q == 2, t[2], t[3]))
 
 
-def _canvas_words(packed, tile, X, Y, size: int):
-    """Packed canvas pixels at integer ``X, Y`` ``(B, P)``: ``(B, P)`` uint32.
-
-    ``packed``: ``(B, K*S*S + 1)`` uint32, the K source frames with R, G, B in
-    bytes 0-2, then one fill pixel (114, 114, 114) that every tap outside the
-    tiles reads.  Resolving "outside" in the index keeps the per-channel blend
-    free of the tile arithmetic (XLA would otherwise redo it per channel).
-    """
+def _canvas_index(tile, X, Y, size: int, fill: int):
+    """Where the canvas pixels at integer ``X, Y`` ``(B, P)`` are in the
+    packed source pixels (:func:`_warp_images`): ``(B, P)`` int32, ``fill``
+    (the index of the 114 fill pixel) outside the tiles.  Resolving
+    "outside" in the index keeps the per-channel blend free of the tile
+    arithmetic (XLA would otherwise redo it per channel)."""
     q = (X >= tile["xc"]).astype(jnp.int32) + 2 * (Y >= tile["yc"]).astype(jnp.int32)
     inside = (X >= _pick(tile["x_lo"], q)) & (X < _pick(tile["x_hi"], q)) & (Y >= _pick(tile["y_lo"], q)) & (Y < _pick(tile["y_hi"], q))
-    idx = jnp.where(inside, _pick(tile["base"], q) + Y * size + X, packed.shape[1] - 1)
-    # The barrier keeps the index arithmetic out of the gather's fusion: fused,
-    # XLA:CPU evaluates it element by element in the gather's scalar loop;
-    # apart, it is one vectorised pass (with the barrier on the coordinates in
-    # _warp_images: the augmentation ~2 ms of ~26 ms faster at B 16, 128 px,
-    # three alternating runs each; bit-identical output).
-    return jnp.take_along_axis(packed, jax.lax.optimization_barrier(idx), axis=1, mode="clip")
+    return jnp.where(inside, _pick(tile["base"], q) + Y * size + X, fill)
+
+
+def _in_loop(fn, args, batch: int):
+    """``fn(*args)`` (arrays with a leading batch axis ``batch``) computed in
+    a two-iteration loop over halves of the batch, so that its outputs are
+    materialised: XLA:CPU fuses elementwise producers into their consumers and
+    drops optimization barriers before fusing, and fused into a gather, the
+    index arithmetic runs in the gather's scalar loop, once per element
+    (8 ms per bilinear tap at B 16, 128 px with mosaic, against ~1 ms as a
+    vectorised pass).  A loop body is its own computation."""
+    return jax.lax.map(lambda a: fn(*a), args, batch_size=max(1, -(-batch // 2)))
 
 
 def _inverse(M, perspective: bool):
@@ -326,15 +337,17 @@ def _warp_images(images, rects, params: AugmentParams, size: int, perspective: b
     x0, y0 = jnp.floor(sx), jnp.floor(sy)
     fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
     X0, Y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-    # Materialised once, not recomputed inside each of the four taps' gathers.
-    X0, Y0, fx, fy = jax.lax.optimization_barrier((X0, Y0, fx, fy))
+    fill = packed.shape[1] - 1
+
+    def indices(tile, X0, Y0):  # one image: the four taps' (4 P,) source indices
+        tile = {k: v[None] for k, v in tile.items()}
+        taps = [_canvas_index(tile, X0[None] + dx, Y0[None] + dy, size, fill) for dy in (0, 1) for dx in (0, 1)]
+        return jnp.concatenate(taps, axis=1)[0]
+
+    idx = _in_loop(indices, (tile, X0, Y0), b)  # (B, 4 P): taps (0, 0), (1, 0), (0, 1), (1, 1)
+    words = jnp.take_along_axis(packed, idx, axis=1, mode="clip").reshape(b, 4, -1)
     shifts = jnp.asarray([0, 8, 16], jnp.uint32)
-
-    def tap(dx, dy):
-        word = _canvas_words(packed, tile, X0 + dx, Y0 + dy, size)
-        return ((word[..., None] >> shifts) & 255).astype(jnp.float32)  # (B, P, 3)
-
-    p00, p01, p10, p11 = tap(0, 0), tap(1, 0), tap(0, 1), tap(1, 1)
+    p00, p01, p10, p11 = (((words[:, t, :, None] >> shifts) & 255).astype(jnp.float32) for t in range(4))  # (B, P, 3)
     v0 = p00 + fx * (p01 - p00)
     v1 = p10 + fx * (p11 - p10)
     v = v0 + fy * (v1 - v0)
@@ -540,6 +553,27 @@ def apply_augment(params: AugmentParams, images, rects, targets: Targets, *, con
     classes = targets.classes.reshape(keep.shape).astype(jnp.int32)
     new_targets, dropped = _compact(xyxy, classes, keep, size, max_boxes)
     return out, new_targets, dropped
+
+
+def pad_to_mosaic(batch: dict) -> dict:
+    """A K = 1 training batch as a K = 4 one without mosaic partners.
+
+    ``batch``: the pipeline's dict, ``image (B, 1, S, S, 3)``, ``rects (B, 1,
+    4)``, ``boxes (B, 1, M, 4)``, ``classes (B, 1, M)``, ``mask (B, 1, M)``
+    (other entries pass through).  Frames 1-3 are zeros with empty content
+    rectangles and no boxes, so :func:`augment` mosaics none of the images and
+    returns what it returns for the K = 1 batch, bit for bit.  The trainer
+    pads its epochs without mosaic (``close_mosaic``) this way: the train
+    step it compiled for the mosaic epochs runs them, instead of a second
+    compile (26 s of the main command's 7 minutes on a 2-core CPU)."""
+    k = batch["image"].shape[1]
+    if k != 1:
+        raise ValueError(f"pad_to_mosaic takes a K = 1 batch (image (B, 1, S, S, 3)), got image {tuple(batch['image'].shape)}")
+    out = dict(batch)
+    for name in ("image", "rects", "boxes", "classes", "mask"):
+        a = batch[name]
+        out[name] = jnp.concatenate([a, jnp.zeros((a.shape[0], 3, *a.shape[2:]), a.dtype)], axis=1)
+    return out
 
 
 def augment(key, images, rects, targets: Targets, *, config: AugmentConfig = AugmentConfig(), max_boxes: int):

@@ -17,8 +17,9 @@ device until a log point (every ``log_every`` steps, each epoch's end, a stop).
 A non-finite loss is caught at the next log point, before any checkpoint, and
 stops the run naming the first bad step.
 
-The console: "compiling the train step..." before the first step (and before
-the first one without mosaic: another compile), which the loop waits for, so
+The console: "compiling the train step..." before the first step (one
+compile: the epochs without mosaic run the mosaic epochs' step on padded
+batches), which the loop waits for, so
 the progress clock starts after the compile; then a bar per epoch on a
 terminal, or one line per log point in a file or a pipe
 (:class:`jaxyolo.train.logs.Progress`); at the end the final mAP and the run
@@ -310,11 +311,18 @@ def train(
         view = Progress(epochs=config.epochs, steps_per_epoch=spe, names=("loss", *names), enabled=progress and primary)
         stack.callback(view.end)
         say = log if primary else (lambda *_: None)
-        compiled = set()  # the batch kinds (mosaic or not) stepped: each compiles once
+        compiled = set()  # the batch kinds (K = 4 or 1) stepped: each compiles once
+        # A run with mosaic epochs steps its epochs without mosaic (close_mosaic)
+        # as K = 4 batches without partners: the same compiled step, the same
+        # augmentation bit for bit (jaxyolo.data.augment.pad_to_mosaic).
+        pad = config.mosaic > 0 and config.epochs > config.close_mosaic
         preempted = False
         stop = stack.enter_context(StopSignals())  # from the first step to the last (see the docstring)
         for (ep, k), batch in stream:
             mosaic = config.mosaic_in_epoch(ep)
+            if pad and not mosaic:
+                batch = session.pad_to_mosaic(batch)
+            mosaic = mosaic or pad
             if mosaic in compiled:
                 if not view.running:
                     view.start(ep, k)

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 import jaxyolo
-from jaxyolo.data.augment import augment
+from jaxyolo.data.augment import augment, pad_to_mosaic
 from jaxyolo.evaluate import EVAL_PRE_NMS_TOPK, select_detections
 from jaxyolo.models import build_detector, build_model, load_weights, transfer_weights
 from jaxyolo.targets import Targets
@@ -193,7 +193,9 @@ class Session:
     the pipeline's dict (:class:`jaxyolo.data.TrainBatches`): ``image (B, K,
     S, S, 3) uint8``, ``rects (B, K, 4)``, ``boxes (B, K, M, 4)``, ``classes
     (B, K, M)``, ``mask (B, K, M)`` with K = 4 in mosaic epochs, else 1 (one
-    compile each).  The augmentations run first, drawn on the device from
+    compile each; ``pad_to_mosaic(batch)`` makes a K = 1 batch a K = 4 one
+    without mosaic partners, :func:`jaxyolo.data.augment.pad_to_mosaic`, so
+    that the mosaic epochs' step runs it: the trainer does so).  The augmentations run first, drawn on the device from
     ``(config.seed, step)``.  ``acc["last"]`` holds the step's logged values.
     ``predict(params, stats, images uint8, max_det) -> batched_nms outputs``
     (multi-label, with the candidate counts, as
@@ -258,6 +260,7 @@ class Session:
                               compiler_options=opts)
             compiled = _COMPILED[key] = (graph_train, graph_eval, train_step, predict)
         self.graph_train, self.graph_eval, self.train_step, self.predict = compiled
+        self.pad_to_mosaic = jax.jit(pad_to_mosaic, in_shardings=(self.batch_sharding,), out_shardings=self.batch_sharding)
 
         def init_state(p, s):
             state = {"params": p, "stats": s, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)}
