@@ -128,11 +128,10 @@ def _print(msg: str):
     print(msg, flush=True)
 
 
-def _first_step(session: Session, args, *, what: str, log):
-    """``session.train_step(*args)`` for the first batch of a kind (mosaic
-    or not): it compiles.  Waits for it, so that the progress clock starts
-    after the compile."""
-    log(f"compiling the train step{what}...")
+def _first_step(session: Session, args, *, log):
+    """``session.train_step(*args)`` for the run's first batch: it compiles.
+    Waits for it, so that the progress clock starts after the compile."""
+    log("compiling the train step...")
     t = time.perf_counter()
     out = session.train_step(*args)
     jax.block_until_ready(out[2])
@@ -311,26 +310,24 @@ def train(
         view = Progress(epochs=config.epochs, steps_per_epoch=spe, names=("loss", *names), enabled=progress and primary)
         stack.callback(view.end)
         say = log if primary else (lambda *_: None)
-        compiled = set()  # the batch kinds (K = 4 or 1) stepped: each compiles once
-        # A run with mosaic epochs steps its epochs without mosaic (close_mosaic)
-        # as K = 4 batches without partners: the same compiled step, the same
-        # augmentation bit for bit (jaxyolo.data.augment.pad_to_mosaic).
+        # One compiled step per run: a run with mosaic epochs steps its epochs
+        # without mosaic (close_mosaic) as K = 4 batches without partners, the
+        # same augmentation bit for bit (jaxyolo.data.augment.pad_to_mosaic);
+        # a run without any has K = 1 batches throughout.
         pad = config.mosaic > 0 and config.epochs > config.close_mosaic
+        compiled = False
         preempted = False
         stop = stack.enter_context(StopSignals())  # from the first step to the last (see the docstring)
         for (ep, k), batch in stream:
-            mosaic = config.mosaic_in_epoch(ep)
-            if pad and not mosaic:
+            if pad and not config.mosaic_in_epoch(ep):
                 batch = session.pad_to_mosaic(batch)
-            mosaic = mosaic or pad
-            if mosaic in compiled:
+            if compiled:
                 if not view.running:
                     view.start(ep, k)
                 state, ema, acc = session.train_step(state, ema, acc, batch)
             else:
-                what = f" for the batches {'with' if mosaic else 'without'} mosaic" if compiled else ""
-                state, ema, acc = _first_step(session, (state, ema, acc, batch), what=what, log=say)
-                compiled.add(mosaic)
+                state, ema, acc = _first_step(session, (state, ema, acc, batch), log=say)
+                compiled = True
                 view.start(ep, k + 1)  # the compile counts in neither the rate nor the ETA
             done += 1
             end_of_epoch = k + 1 == spe
