@@ -136,12 +136,7 @@ def make_shapes_dataset(n: int, *, seed: int, img_size: int = 128, workers: int 
     def render(i):
         images[i], labels[i] = render_shapes_image(seed, i, img_size=img_size)
 
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or n < 64:
-        for i in range(n):
-            render(i)
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxyolo-shapes") as ex:
-            for _ in ex.map(render, range(n)):  # re-raises a worker's exception
-                pass
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="jaxyolo-shapes") as ex:
+        for _ in ex.map(render, range(n)):  # re-raises a worker's exception
+            pass
     return images, labels
